@@ -1,0 +1,11 @@
+"""optim: optax-style learning-rate-free and consensus-based optimizers.
+
+Every optimizer is a function returning an ``optax.GradientTransformation`` (or
+``GradientTransformationExtraArgs``) with a ``NamedTuple`` state; all compose with
+``optax.chain``. Pass ``axis_name`` to make global reductions exact under
+``shard_map``/``pmap``.
+"""
+
+# --- learning-rate-free optimizers ---
+
+# --- consensus-based optimization ---
