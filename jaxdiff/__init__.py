@@ -1,0 +1,16 @@
+"""jaxdiff: pure-JAX ODE/SDE samplers for diffusion models.
+
+    import jaxdiff as jd
+    s = jd.VPLinear()
+    den = jd.Denoiser(fn, s, prediction="epsilon")
+    x0 = jd.sample(den, x_T, jd.timesteps(s, 10), solver=jd.DPMSolverPP(order=2))
+"""
+
+from jaxdiff import testing
+from jaxdiff.models import CFG, PREDICTIONS, Denoiser, DynamicThreshold
+from jaxdiff.sample import integrate, nfe, sample
+from jaxdiff.schedules import EDM, VE, RectifiedFlow, Schedule, VPCosine, VPDiscrete, VPLinear
+from jaxdiff.solvers import DDIM, DDPM, Coefficients, DPMSolver, DPMSolverPP, Layout, Solver, UniPC
+from jaxdiff.timesteps import timesteps
+
+__version__ = "0.1.0"

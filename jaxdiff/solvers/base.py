@@ -1,0 +1,155 @@
+"""The solver protocol, shared by every sampler in ``jaxdiff.solvers``.
+
+Every solver here is a *linear scheme over model evaluations*: the sampler makes M model
+evaluations D_k = D(y_k, t_k) (data or noise prediction), and every new point is a linear
+combination of an anchor point, the current point and the last K evaluations (plus Gaussian
+noise for SDE solvers). Per evaluation k the driver computes
+
+    D_k       = model(y_k, t_k)                                   (pushed into a K-slot history)
+    anchor'   = a_0 anchor + a_1 y_k + sum_j a_{2+j} D_{k-j}      (only when ``uses_anchor``)
+    y_{k+1}   = b_0 base + sum_j b_{1+j} D_{k-j} + noise_k z_k    (base = anchor' or y_k)
+
+Multistep methods (DPM-Solver++ 2M/3M, DDIM, DEIS) use base = y_k; predictor-correctors (UniPC)
+keep the corrected point as the anchor; singlestep/Runge-Kutta methods keep the start of the
+step as the anchor while their stages run. A solver is therefore mostly data: it states its
+layout (``Layout``: M, K, which evaluations end a grid step) and builds the coefficient rows
+(``Coefficients``) for a time grid with vectorized array code, once per grid. Lower-order warm-up,
+lower-order final steps and the step into sigma = 0 are just different rows; the driver
+(``jaxdiff.sample``) owns the ``lax.scan``, the history buffer, keys and trajectories.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import ClassVar, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+__all__ = ["Solver", "Layout", "Coefficients", "Grid", "grid", "step_orders", "step_terms", "lower_order_final_active"]
+
+
+@dataclasses.dataclass(frozen=True)
+class Layout:
+    """Static shape of a solver run on a grid of ``num_steps`` steps."""
+
+    num_evals: int  # M, model evaluations (= NFE)
+    history: int  # K, evaluations kept
+    uses_anchor: bool
+    step_end: tuple[bool, ...]  # (M,): evaluation k produces the next grid point
+
+
+class Coefficients(NamedTuple):
+    """Per-evaluation coefficient rows; history columns are in lag order (lag 0 = newest)."""
+
+    t: jax.Array  # (M,) evaluation times
+    anchor: jax.Array  # (M, 2 + K) on [anchor, y, D lag 0..K-1]
+    y: jax.Array  # (M, 1 + K) on [base, D lag 0..K-1]
+    noise: jax.Array  # (M,) standard deviation of the added Gaussian noise
+
+
+class Grid(NamedTuple):
+    """Schedule quantities at the grid points (all shape (N + 1,))."""
+
+    t: jax.Array
+    log_alpha: jax.Array
+    log_sigma: jax.Array
+    alpha: jax.Array
+    sigma: jax.Array
+    lam: jax.Array
+
+
+def grid(schedule, ts) -> Grid:
+    la, ls = schedule.log_alpha(ts), schedule.log_sigma(ts)
+    return Grid(ts, la, ls, jnp.exp(la), jnp.exp(ls), la - ls)
+
+
+def lower_order_final_active(lower_order_final, num_steps: int) -> bool:
+    if isinstance(lower_order_final, bool):
+        return lower_order_final
+    return num_steps < lower_order_final
+
+
+def step_orders(num_steps: int, order: int, lower_order_final) -> np.ndarray:
+    """Multistep order per step: warm-up min(order, i + 1), and min(., num_steps - i) at the end.
+
+    ``lower_order_final`` is True (always), False (never) or an int n (only when num_steps < n;
+    diffusers uses 15, the official DPM-Solver code 10).
+    """
+    i = np.arange(num_steps)
+    orders = np.minimum(order, i + 1)
+    if lower_order_final_active(lower_order_final, num_steps):
+        orders = np.minimum(orders, num_steps - i)
+    return orders
+
+
+class Solver:
+    """Base class: subclasses are frozen dataclasses of static configuration.
+
+    Class attributes:
+        prediction: ``"data"`` (x0) or ``"noise"`` (eps): what is kept in the history.
+        stochastic: whether the solver needs a PRNG ``key``.
+    """
+
+    prediction: ClassVar[str] = "data"
+    stochastic: ClassVar[bool] = False
+
+    def layout(self, num_steps: int) -> Layout:
+        raise NotImplementedError
+
+    def coefficients(self, schedule, ts) -> Coefficients:
+        raise NotImplementedError
+
+    def min_steps(self) -> int:
+        """Smallest grid this solver accepts."""
+        return 1
+
+    def nfe(self, num_steps: int) -> int:
+        """Model evaluations for a grid of ``num_steps`` steps."""
+        return self.layout(num_steps).num_evals
+
+
+# ----------------------------------------------------------------------------------------------
+# Exponential-integrator algebra shared by DDIM, DPM-Solver(++), UniPC and DEIS.
+#
+# With hh = -h for data prediction and hh = +h for noise prediction (h = lambda_t - lambda_s),
+# one step from s to t reads x_t = ratio x_s - scale (phi_1 D0 + phi_2 D1 + phi_3 D2 + ...), where
+# ratio = sigma_t/sigma_s (data) or alpha_t/alpha_s (noise), scale = alpha_t (data) or sigma_t (noise),
+# phi_1 = expm1(hh), phi_{k+1} = phi_k / hh - 1/k!, D0 = D(s), D1 ~ h D', D2 ~ h^2 D''.
+
+
+class StepTerms(NamedTuple):
+    ratio: jax.Array
+    scale: jax.Array
+    scale_phi1: jax.Array  # scale * phi_1, finite also when sigma_t = 0 or alpha_s = 0
+    hh: jax.Array  # finite stand-in where h is infinite (those rows are first order)
+    h: jax.Array
+
+
+def step_terms(g: Grid, s, t, prediction: str) -> StepTerms:
+    """Exponential-integrator terms for steps from grid index s to t (integer numpy arrays)."""
+    if prediction == "data":
+        ratio = jnp.exp(g.log_sigma[t] - g.log_sigma[s])
+        scale = g.alpha[t]
+        # alpha_t e^{-h} = sigma_t alpha_s / sigma_s, which is 0 when sigma_t = 0 or alpha_s = 0.
+        cross = jnp.exp(g.log_sigma[t] + g.log_alpha[s] - g.log_sigma[s])
+        sign = -1.0
+    else:
+        ratio = jnp.exp(g.log_alpha[t] - g.log_alpha[s])
+        scale = g.sigma[t]
+        cross = jnp.exp(g.log_alpha[t] + g.log_sigma[s] - g.log_alpha[s])
+        sign = 1.0
+    h = g.lam[t] - g.lam[s]
+    finite = jnp.isfinite(h)
+    h_safe = jnp.where(finite, h, 1.0)
+    hh = sign * h_safe
+    scale_phi1 = jnp.where(finite, scale * jnp.expm1(hh), cross - scale)
+    return StepTerms(ratio, scale, scale_phi1, hh, h_safe)
+
+
+def lag_vectors(*cols, k: int):
+    """Stack per-lag coefficient columns into an (rows, k) array, padding absent lags with 0."""
+    rows = jnp.shape(cols[0])[0]
+    out = [jnp.asarray(c) for c in cols] + [jnp.zeros((rows,), jnp.asarray(cols[0]).dtype)] * (k - len(cols))
+    return jnp.stack(out, axis=1)

@@ -1,0 +1,62 @@
+"""DDIM (Song et al., 2021, arXiv:2010.02502) and DDPM ancestral sampling as its eta = 1 case.
+
+x_t = alpha_t x0 + sqrt(sigma_t^2 - c^2) eps + c z,  c = eta sigma_t sqrt(1 - e^{-2h}),
+with x0, eps the model's predictions at (x_s, s). eta = 0 is the deterministic DDIM, identical to
+first-order DPM-Solver(++); eta = 1 is DDPM's ancestral step with the posterior variance
+beta~_t (diffusers ``DDPMScheduler``, ``variance_type="fixed_small"``), written for any schedule.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax.numpy as jnp
+import numpy as np
+
+from jaxdiff.solvers.base import Coefficients, Layout, Solver, grid
+
+__all__ = ["DDIM", "DDPM"]
+
+
+@dataclasses.dataclass(frozen=True)
+class DDIM(Solver):
+    """DDIM with stochasticity ``eta`` in [0, 1] (0: deterministic probability-flow step).
+
+    Example:
+        >>> x0 = jd.sample(den, x_T, ts, solver=DDIM())  # doctest: +SKIP
+    """
+
+    eta: float = 0.0
+
+    prediction = "data"
+    order = 1
+
+    def __post_init__(self):
+        if not 0.0 <= self.eta <= 1.0:
+            raise ValueError(f"`eta={self.eta!r}` must lie in [0, 1].")
+
+    @property
+    def stochastic(self) -> bool:
+        return self.eta > 0
+
+    def layout(self, num_steps: int) -> Layout:
+        return Layout(num_evals=num_steps, history=1, uses_anchor=False, step_end=(True,) * num_steps)
+
+    def coefficients(self, schedule, ts) -> Coefficients:
+        g = grid(schedule, ts)
+        s, t = np.arange(ts.shape[0] - 1), np.arange(1, ts.shape[0])
+        # e^{-h} = sigma_t alpha_s / (alpha_t sigma_s), written so that sigma_t = 0 or alpha_s = 0 give 0
+        sigma_t_e = jnp.exp(g.log_sigma[t] + g.log_alpha[s] - g.log_sigma[s] - g.log_alpha[t]) * g.sigma[t]
+        noise = self.eta * jnp.sqrt(jnp.maximum(g.sigma[t] ** 2 - sigma_t_e**2, 0.0))
+        eps_coef = jnp.sqrt(jnp.maximum(g.sigma[t] ** 2 - noise**2, 0.0))  # multiplies eps = (x - alpha_s x0)/sigma_s
+        ratio = eps_coef / g.sigma[s]
+        y = jnp.stack([ratio, g.alpha[t] - g.alpha[s] * ratio], axis=1)
+        anchor = jnp.zeros((s.shape[0], 3), y.dtype)
+        return Coefficients(t=ts[:-1], anchor=anchor, y=y, noise=noise)
+
+
+@dataclasses.dataclass(frozen=True)
+class DDPM(DDIM):
+    """DDPM ancestral sampling (Ho et al., 2020): ``DDIM(eta=1)``."""
+
+    eta: float = 1.0
