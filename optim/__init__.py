@@ -9,3 +9,14 @@ Every optimizer is a function returning an ``optax.GradientTransformation`` (or
 # --- learning-rate-free optimizers ---
 
 # --- consensus-based optimization ---
+from optim.cbo import (  # noqa: F401
+    CBOHistory,
+    CBOResult,
+    CBOState,
+    cbo,
+    cbo_minimize,
+    cbs,
+    consensus_point,
+    ess_alpha,
+    polar_cbo,
+)
