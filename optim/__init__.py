@@ -7,6 +7,17 @@ Every optimizer is a function returning an ``optax.GradientTransformation`` (or
 """
 
 # --- learning-rate-free optimizers ---
+from optim.dog import (  # noqa: F401
+    DOG_PRESETS,
+    DOWG_PRESETS,
+    DoGState,
+    PolynomialDecayAveragingState,
+    averaged_params,
+    dog,
+    dowg,
+    ldog,
+    polynomial_decay_averaging,
+)
 
 # --- consensus-based optimization ---
 from optim.cbo import (  # noqa: F401

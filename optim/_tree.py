@@ -87,3 +87,28 @@ def tree_max(a: Any, axis_name: AxisName = None) -> jax.Array:
     leaves = jax.tree.leaves(a)
     local = jnp.max(jnp.stack([jnp.max(_acc(x)) for x in leaves]))
     return pmax(local, axis_name)
+
+
+def leaf_reduce_sum(fn: Callable[..., jax.Array], *trees: Any, axis_name: AxisName = None) -> Any:
+    """Per-leaf ``sum(fn(*leaves))`` in the accumulation dtype, then ``psum``: a tree of scalars.
+
+    For layer-wise methods (LDoG) whose scalars live per tensor; a sharded tensor still gets
+    its exact global value.
+    """
+    local = jax.tree.map(lambda *ls: jnp.sum(_acc(fn(*ls))), *trees)
+    return psum(local, axis_name)
+
+
+def tree_where(pred: jax.Array, on_true: Any, on_false: Any) -> Any:
+    """Leafwise ``jnp.where(pred, a, b)`` for a scalar ``pred`` (skip a step without a branch)."""
+    return jax.tree.map(lambda a, b: jnp.where(pred, a, b), on_true, on_false)
+
+
+def check_same_structure(name: str, tree: Any, ref_name: str, ref: Any) -> None:
+    """Raise a ValueError at trace time when two pytrees differ in structure."""
+    got, want = jax.tree.structure(tree), jax.tree.structure(ref)
+    if got != want:
+        raise ValueError(
+            f"`{name}` has tree structure {got} but `{ref_name}` has {want}. "
+            f"Pass `{name}` with the same structure as the `{ref_name}` the optimizer was initialised with."
+        )

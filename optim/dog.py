@@ -1,0 +1,355 @@
+"""DoG, LDoG and DoWG (distance-over-gradients step sizes) and polynomial-decay averaging.
+
+All three are plain gradient descent ``x_{t+1} = x_t - eta_t g_t`` whose step size is a
+distance travelled from the start divided by an accumulated gradient norm:
+
+* DoG (Ivgi, Hinder, Carmon 2023): ``rbar_t = max(rbar_{t-1}, ||x_t - x_0||)``,
+  ``G_t = G_{t-1} + ||g_t||^2`` with ``G_{-1} = eps``, ``eta_t = lr * rbar_t / sqrt(G_t)``.
+* LDoG: the same rule with one ``rbar``/``G`` per parameter tensor (pytree leaf).
+* DoWG (Khaled, Mishchenko, Jin 2023): ``v_t = v_{t-1} + rbar_t^2 ||g_t||^2``,
+  ``eta_t = lr * rbar_t^2 / (sqrt(v_t) + eps)``.
+
+The DoG authors insist that DoG/LDoG be combined with iterate averaging; chain
+:func:`polynomial_decay_averaging` last and evaluate at :func:`averaged_params`.
+
+Non-finite gradients: a step whose gradient has a NaN/Inf entry (detected through the
+global squared norm the step needs anyway) is skipped: the updates are zero, the state is
+left as it was, and ``num_nonfinite`` counts the skipped steps, so ``rbar`` and ``G``
+never absorb a NaN.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from optim import _tree
+from optim._validate import check_nonnegative, check_positive
+
+ScalarOrSchedule = float | jax.Array | Callable[[jax.Array], jax.Array]
+
+_NO_PARAMS = "needs `params` in `update(updates, state, params)`: it measures the distance ||x_t - x_0||."
+
+#: Named settings for :func:`dog` / :func:`ldog`, each number with its source.
+#: ``"paper"``: ``reps_rel=1e-6`` is the default of Ivgi et al. (2023) and of the
+#: ``dog-optimizer`` package. ``"batchnorm"``: ``reps_rel=1e-4``, the value the package
+#: README and docstring recommend for models with batch normalisation.
+DOG_PRESETS: dict[str, dict[str, float]] = {
+    "paper": {"reps_rel": 1e-6, "eps": 1e-8},
+    "batchnorm": {"reps_rel": 1e-4, "eps": 1e-8},
+}
+
+#: Named settings for :func:`dowg`. ``"paper"``: Algorithm 1 of Khaled et al. (2023) has
+#: ``eta = rbar^2 / sqrt(v)`` with a user-chosen small ``r_eps``; we take DoG's relative
+#: ``r_eps = 1e-6 (1 + ||x_0||)`` and a negligible ``eps=1e-8`` guard. ``"optax"``: the
+#: calibration of ``optax.contrib.dowg`` (0.2.8), whose ``eps=1e-4`` is both the initial
+#: squared distance (``r_eps = 1e-2``) and the denominator guard.
+DOWG_PRESETS: dict[str, dict[str, float]] = {
+    "paper": {"reps_rel": 1e-6, "eps": 1e-8},
+    "optax": {"init_distance": 1e-2, "eps": 1e-4},
+}
+
+
+class DoGState(NamedTuple):
+    """State of :func:`dog`, :func:`ldog` and :func:`dowg`."""
+
+    count: jax.Array  # shape=(), int32: steps applied.
+    num_nonfinite: jax.Array  # shape=(), int32: steps skipped for a non-finite gradient.
+    init_params: Any  # x_0: same tree, shapes and dtypes as params.
+    rbar: Any  # max distance from x_0: shape=() (dog, dowg) or a shape=() leaf per tensor (ldog).
+    grad_sum: Any  # G_t (dog, ldog) or v_t (dowg); same layout and dtype as rbar.
+
+
+def _build(
+    kind: str,
+    *,
+    reps_rel: float,
+    learning_rate: ScalarOrSchedule,
+    weight_decay: float,
+    eps: float,
+    init_eta: float | None,
+    init_distance: float | None,
+    axis_name: _tree.AxisName,
+) -> optax.GradientTransformation:
+    check_positive("learning_rate", learning_rate, "The authors recommend 1.0.")
+    check_nonnegative("weight_decay", weight_decay)
+    check_nonnegative("eps", eps)
+    if init_eta is not None:
+        check_positive("init_eta", init_eta, "It is the first step size; pass None to use `reps_rel`.")
+    elif init_distance is not None:
+        check_positive("init_distance", init_distance, "Pass None to use `reps_rel * (1 + ||x_0||)`.")
+    else:
+        check_positive("reps_rel", reps_rel, "Use 1e-6, or 1e-4 with batch normalisation.")
+    layerwise = kind == "ldog"
+    acc = _tree.accumulation_dtype()
+
+    def reduce_sq(tree):
+        if layerwise:
+            return _tree.leaf_reduce_sum(jnp.square, tree, axis_name=axis_name)
+        return _tree.tree_norm_sq(tree, axis_name)
+
+    def init_fn(params):
+        if init_eta is not None:  # the first step is init_eta; rbar starts from 0 as in dog-optimizer
+            rbar = jax.tree.map(lambda n: jnp.zeros((), acc), reduce_sq(params))
+        elif init_distance is not None:
+            rbar = jax.tree.map(lambda n: jnp.asarray(init_distance, acc), reduce_sq(params))
+        else:
+            rbar = jax.tree.map(lambda n: reps_rel * (1 + jnp.sqrt(n)), reduce_sq(params))
+        g0 = eps if kind != "dowg" else 0.0
+        return DoGState(
+            count=jnp.zeros((), jnp.int32),
+            num_nonfinite=jnp.zeros((), jnp.int32),
+            init_params=params,
+            rbar=rbar,
+            grad_sum=jax.tree.map(lambda r: jnp.asarray(g0, acc), rbar),
+        )
+
+    def update_fn(updates, state, params=None):
+        if params is None:
+            raise ValueError(f"optim.{kind} {_NO_PARAMS}")
+        _tree.check_same_structure("updates", updates, "params", params)
+        _tree.check_same_structure("params", params, "init_params (the params given to init)", state.init_params)
+        grads = updates
+        if not isinstance(weight_decay, (int, float)) or weight_decay != 0:
+            # coupled (L2) decay, as in dog-optimizer: it enters G as well
+            grads = jax.tree.map(lambda g, p: g + weight_decay * p, grads, params)
+        lr = learning_rate(state.count) if callable(learning_rate) else learning_rate
+        dist = jax.tree.map(jnp.sqrt, reduce_sq(jax.tree.map(jnp.subtract, params, state.init_params)))
+        grad_sq = reduce_sq(grads)
+        rbar = jax.tree.map(jnp.maximum, state.rbar, dist)
+        if kind == "dowg":
+            grad_sum = jax.tree.map(lambda v, r, n: v + r * r * n, state.grad_sum, rbar, grad_sq)
+            eta = jax.tree.map(lambda r, v: lr * r * r / (jnp.sqrt(v) + eps), rbar, grad_sum)
+        else:
+            grad_sum = jax.tree.map(jnp.add, state.grad_sum, grad_sq)
+            # G is 0 only with eps=0 and all-zero gradients so far; the step is then 0 anyway
+            eta = jax.tree.map(
+                lambda r, s: jnp.where(s > 0, lr * r / jnp.sqrt(jnp.where(s > 0, s, 1)), 0), rbar, grad_sum
+            )
+        if init_eta is not None:
+            eta = jax.tree.map(lambda e: jnp.where(state.count == 0, jnp.asarray(init_eta, e.dtype), e), eta)
+        if layerwise:
+            new_updates = jax.tree.map(lambda g, e: (-e * g).astype(g.dtype), grads, eta)
+        else:
+            new_updates = jax.tree.map(lambda g: (-eta * g).astype(g.dtype), grads)
+        finite = jnp.all(jnp.isfinite(jnp.stack(jax.tree.leaves(grad_sq))))
+        stepped = DoGState(
+            optax.safe_increment(state.count), state.num_nonfinite, state.init_params, rbar, grad_sum
+        )
+        skipped = state._replace(num_nonfinite=optax.safe_increment(state.num_nonfinite))
+        new_state = _tree.tree_where(finite, stepped, skipped)
+        new_updates = jax.tree.map(lambda u: jnp.where(finite, u, jnp.zeros_like(u)), new_updates)
+        return new_updates, new_state
+
+    return optax.GradientTransformation(init_fn, update_fn)
+
+
+def dog(
+    reps_rel: float = 1e-6,
+    learning_rate: ScalarOrSchedule = 1.0,
+    weight_decay: float = 0.0,
+    eps: float = 1e-8,
+    init_eta: float | None = None,
+    *,
+    axis_name: _tree.AxisName = None,
+) -> optax.GradientTransformation:
+    r"""DoG: SGD with the distance-over-gradients step size (Ivgi et al., 2023).
+
+    .. math::
+        \bar r_t = \max(\bar r_{t-1}, \|x_t - x_0\|),\quad \bar r_{-1} = r_\epsilon (1 + \|x_0\|),\quad
+        G_t = \epsilon + \sum_{i \le t} \|g_i\|^2,\quad
+        x_{t+1} = x_t - c\,\frac{\bar r_t}{\sqrt{G_t}}\, g_t
+
+    One global ``rbar``/``G`` over the whole pytree, exactly as ``dog.DoG`` of the
+    ``dog-optimizer`` package (one parameter group). Returns signed updates (add them).
+
+    Args:
+      reps_rel: relative initial distance ``r_eps``: the first step is
+        ``reps_rel * (1 + ||x_0||) / sqrt(||g_0||^2 + eps)``. See :data:`DOG_PRESETS`.
+      learning_rate: the multiplier ``c`` (a float or an optax schedule of the step count);
+        the authors advise against changing it from 1.
+      weight_decay: coupled L2 decay, ``g += weight_decay * x`` before everything else.
+      eps: added once to the gradient sum ``G``.
+      init_eta: if set, the first step size, overriding ``reps_rel`` (``rbar`` then starts at 0).
+      axis_name: mapped axis over which parameters/states are sharded under ``shard_map`` or
+        ``pmap``; the norms are then summed over it so every device sees the global step size.
+
+    Returns:
+      An ``optax.GradientTransformation`` with :class:`DoGState`; ``update`` needs ``params``.
+
+    Example:
+      >>> import jax.numpy as jnp, optax, optim
+      >>> tx = optax.chain(optim.dog(), optim.polynomial_decay_averaging())
+      >>> params = jnp.array([1.0, -2.0])
+      >>> state = tx.init(params)
+      >>> updates, state = tx.update(2 * params, state, params)
+      >>> params = optax.apply_updates(params, updates)
+      >>> x_eval = optim.averaged_params(state)
+
+    References:
+      Ivgi, Hinder, Carmon, `DoG is SGD's Best Friend: A Parameter-Free Dynamic Step Size
+      Schedule <https://arxiv.org/abs/2302.12022>`_, ICML 2023.
+    """
+    return _build(
+        "dog", reps_rel=reps_rel, learning_rate=learning_rate, weight_decay=weight_decay, eps=eps,
+        init_eta=init_eta, init_distance=None, axis_name=axis_name,
+    )
+
+
+def ldog(
+    reps_rel: float = 1e-6,
+    learning_rate: ScalarOrSchedule = 1.0,
+    weight_decay: float = 0.0,
+    eps: float = 1e-8,
+    init_eta: float | None = None,
+    *,
+    axis_name: _tree.AxisName = None,
+) -> optax.GradientTransformation:
+    r"""Layer-wise DoG: the :func:`dog` rule with one ``rbar``/``G`` per pytree leaf.
+
+    .. math::
+        \eta^{(l)}_t = c\,\frac{\max_{i \le t}\|x^{(l)}_i - x^{(l)}_0\| \vee r_\epsilon(1+\|x^{(l)}_0\|)}
+        {\sqrt{\epsilon + \sum_{i \le t}\|g^{(l)}_i\|^2}}
+
+    As ``dog.LDoG``; a scalar (shape ``()``) leaf keeps its shape (unlike
+    ``optax.scale_by_distance_over_gradients``). Arguments as in :func:`dog`; with
+    ``axis_name`` each leaf's norms are summed over the shards of that leaf.
+
+    Example:
+      >>> import jax.numpy as jnp, optim
+      >>> tx = optim.ldog()
+      >>> params = {"w": jnp.ones((3, 2)), "b": jnp.zeros(())}
+      >>> updates, state = tx.update(params, tx.init(params), params)
+
+    References:
+      Ivgi, Hinder, Carmon, `DoG is SGD's Best Friend <https://arxiv.org/abs/2302.12022>`_, 2023.
+    """
+    return _build(
+        "ldog", reps_rel=reps_rel, learning_rate=learning_rate, weight_decay=weight_decay, eps=eps,
+        init_eta=init_eta, init_distance=None, axis_name=axis_name,
+    )
+
+
+def dowg(
+    reps_rel: float = 1e-6,
+    learning_rate: ScalarOrSchedule = 1.0,
+    weight_decay: float = 0.0,
+    eps: float = 1e-8,
+    init_distance: float | None = None,
+    *,
+    axis_name: _tree.AxisName = None,
+) -> optax.GradientTransformation:
+    r"""DoWG: distance over *weighted* gradients (Khaled, Mishchenko, Jin, 2023, Algorithm 1).
+
+    .. math::
+        \bar r_t = \max(\bar r_{t-1}, \|x_t - x_0\|),\quad
+        v_t = v_{t-1} + \bar r_t^2 \|g_t\|^2,\quad
+        x_{t+1} = x_t - c\,\frac{\bar r_t^2}{\sqrt{v_t} + \epsilon}\, g_t
+
+    with ``v_{-1} = 0`` and ``rbar_{-1} = r_eps``. The paper leaves ``r_eps`` to the user;
+    by default it is DoG's ``reps_rel * (1 + ||x_0||)``, or ``init_distance`` when given.
+    ``DOWG_PRESETS["optax"]`` reproduces ``optax.contrib.dowg`` (``init_distance=1e-2``,
+    ``eps=1e-4``).
+
+    Args:
+      reps_rel: relative initial distance, used when ``init_distance`` is None.
+      learning_rate: multiplier ``c`` (float or schedule); 1 in the paper.
+      weight_decay: coupled L2 decay added to the gradient.
+      eps: added to ``sqrt(v_t)`` (the paper has none; it only guards a zero gradient).
+      init_distance: absolute ``r_eps``; overrides ``reps_rel``.
+      axis_name: mapped axis for exact global norms under ``shard_map``/``pmap``.
+
+    Returns:
+      An ``optax.GradientTransformation`` with :class:`DoGState` (``grad_sum`` holds ``v_t``).
+
+    Example:
+      >>> import jax.numpy as jnp, optim
+      >>> tx = optim.dowg(**optim.DOWG_PRESETS["optax"])
+      >>> params = jnp.array([1.0, 2.0])
+      >>> updates, state = tx.update(2 * params, tx.init(params), params)
+
+    References:
+      Khaled, Mishchenko, Jin, `DoWG Unleashed: An Efficient Universal Parameter-Free
+      Gradient Descent Method <https://arxiv.org/abs/2305.16284>`_, NeurIPS 2023.
+    """
+    return _build(
+        "dowg", reps_rel=reps_rel, learning_rate=learning_rate, weight_decay=weight_decay, eps=eps,
+        init_eta=None, init_distance=init_distance, axis_name=axis_name,
+    )
+
+
+class PolynomialDecayAveragingState(NamedTuple):
+    """State of :func:`polynomial_decay_averaging`."""
+
+    count: jax.Array  # shape=(), int32: the averager's t, starting at 1.
+    averaged_params: Any  # xbar_t: same tree, shapes and dtypes as params.
+
+
+def polynomial_decay_averaging(gamma: float = 8.0) -> optax.GradientTransformation:
+    r"""Polynomial-decay iterate averaging (Shamir & Zhang, 2013), as recommended for DoG.
+
+    .. math::
+        \bar x_t = \Bigl(1 - \frac{\gamma + 1}{t + \gamma}\Bigr)\bar x_{t-1}
+                   + \frac{\gamma + 1}{t + \gamma}\, x_t,\qquad t = 1, 2, \ldots
+
+    where ``x_t = params + updates`` is the iterate after step ``t`` (so ``xbar_1 = x_1``),
+    matching ``dog.PolynomialDecayAverager`` stepped after each optimizer step. The updates
+    pass through unchanged: chain it **last**, after the optimizer, and read the average
+    with :func:`averaged_params`. Costs one copy of the parameters.
+
+    Args:
+      gamma: decay power; ``gamma=0`` is the uniform average, larger forgets faster.
+
+    Returns:
+      An ``optax.GradientTransformation`` with :class:`PolynomialDecayAveragingState`.
+
+    Example:
+      >>> import jax.numpy as jnp, optax, optim
+      >>> tx = optax.chain(optim.ldog(), optim.polynomial_decay_averaging(gamma=8.0))
+      >>> params = jnp.array([1.0, 2.0])
+      >>> updates, state = tx.update(2 * params, tx.init(params), params)
+      >>> xbar = optim.averaged_params(state)
+
+    References:
+      Shamir, Zhang, `Stochastic Gradient Descent for Non-smooth Optimization: Convergence
+      Results and Optimal Averaging Schemes <https://arxiv.org/abs/1212.1824>`_, ICML 2013.
+    """
+    check_nonnegative("gamma", gamma, "The DoG authors use 8.")
+
+    def init_fn(params):
+        return PolynomialDecayAveragingState(jnp.ones((), jnp.int32), params)
+
+    def update_fn(updates, state, params=None):
+        if params is None:
+            raise ValueError("optim.polynomial_decay_averaging needs `params`: it averages params + updates.")
+        _tree.check_same_structure("updates", updates, "params", params)
+        t = state.count.astype(_tree.accumulation_dtype())
+        w = (gamma + 1) / (t + gamma)
+        avg = jax.tree.map(
+            lambda a, p, u: ((1 - w) * a + w * (p + u)).astype(a.dtype), state.averaged_params, params, updates
+        )
+        return updates, PolynomialDecayAveragingState(optax.safe_increment(state.count), avg)
+
+    return optax.GradientTransformation(init_fn, update_fn)
+
+
+def averaged_params(state: Any) -> Any:
+    """The polynomial-decay average held anywhere inside ``state`` (e.g. an ``optax.chain`` state).
+
+    Raises:
+      ValueError: if ``state`` holds no, or more than one, :func:`polynomial_decay_averaging` state.
+    """
+    found = [
+        s
+        for s in jax.tree.leaves(state, is_leaf=lambda x: isinstance(x, PolynomialDecayAveragingState))
+        if isinstance(s, PolynomialDecayAveragingState)
+    ]
+    if len(found) != 1:
+        raise ValueError(
+            f"`state` holds {len(found)} polynomial_decay_averaging states; expected exactly one. "
+            "Chain optim.polynomial_decay_averaging() once, after the optimizer."
+        )
+    return found[0].averaged_params
