@@ -7,6 +7,7 @@ Every optimizer is a function returning an ``optax.GradientTransformation`` (or
 """
 
 # --- learning-rate-free optimizers ---
+from optim.prodigy import PRODIGY_PRESETS, ProdigyState, prodigy  # noqa: F401
 from optim.dog import (  # noqa: F401
     DOG_PRESETS,
     DOWG_PRESETS,

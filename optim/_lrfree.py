@@ -1,0 +1,77 @@
+"""Pieces shared by the D-Adaptation, Prodigy and Mechanic transforms.
+
+* ``learning_rate_at``: a float or an optax schedule of the step count, as a scalar in the
+  accumulation dtype (float32, float64 under x64) so that bfloat16 parameters never make
+  the step-size arithmetic bfloat16.
+* ``check_betas``: construction-time validation of a ``(beta1, beta2)`` pair.
+* ``check_update_args``: trace-time validation of ``update(updates, state, params)``.
+* ``commit``: the skip-on-non-finite rule. A step whose global statistics (the
+  numerator/denominator sums of the d estimate, which every coordinate of the gradient
+  enters) are NaN/Inf is dropped: zero updates, state unchanged but for ``num_nonfinite``.
+  The test costs nothing extra, because those sums are needed anyway.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from optim import _tree
+from optim._validate import _concrete, check_open_unit
+
+ScalarOrSchedule = float | jax.Array | Callable[[jax.Array], jax.Array]
+
+
+def learning_rate_at(learning_rate: ScalarOrSchedule, count: jax.Array) -> jax.Array:
+    """The learning-rate multiplier at step ``count`` in the accumulation dtype."""
+    lr = learning_rate(count) if callable(learning_rate) else learning_rate
+    return jnp.asarray(lr).astype(_tree.accumulation_dtype())
+
+
+def check_betas(betas, *, allow_zero_beta1: bool = True, name: str = "betas") -> tuple:
+    """``betas`` is a pair with ``beta1`` in [0, 1) (or (0, 1)) and ``beta2`` in (0, 1)."""
+    if not isinstance(betas, (tuple, list)) or len(betas) != 2:
+        raise ValueError(f"`{name}` must be a pair (beta1, beta2), got {betas!r}.")
+    b1, b2 = betas
+    if not (allow_zero_beta1 and _concrete(b1) == 0.0):
+        check_open_unit(f"{name}[0]", b1, "The reference default is 0.9." + (
+            " 0 turns momentum off." if allow_zero_beta1 else ""))
+    check_open_unit(f"{name}[1]", b2, "The reference default is 0.999.")
+    return b1, b2
+
+
+def check_growth_rate(growth_rate) -> None:
+    """``growth_rate`` is >= 1 (``math.inf`` for unbounded growth of ``d``)."""
+    g = _concrete(growth_rate)
+    if g is not None and not g >= 1:
+        raise ValueError(
+            f"`growth_rate` must be >= 1, got {growth_rate!r}. It bounds d_new / d per step; "
+            "pass math.inf for no bound (the reference default) or e.g. 1.02 for a warmup effect."
+        )
+
+
+def check_update_args(name: str, updates: Any, params: Any, ref: Any, ref_name: str) -> None:
+    """``params`` given and ``updates``/``params``/``ref`` share one tree structure."""
+    if params is None:
+        raise ValueError(
+            f"optim.{name} needs `params`: call `update(updates, state, params)` "
+            "(the step depends on the current parameters)."
+        )
+    _tree.check_same_structure("updates", updates, "params", params)
+    _tree.check_same_structure("params", params, ref_name, ref)
+
+
+def commit(ok: jax.Array, updates: Any, stepped: Any, state: Any) -> tuple[Any, Any]:
+    """``(updates, stepped)`` when ``ok``, else ``(0, state)`` with ``num_nonfinite + 1``."""
+    skipped = state._replace(num_nonfinite=optax.safe_increment(state.num_nonfinite))
+    new_state = _tree.tree_where(ok, stepped, skipped)
+    new_updates = jax.tree.map(lambda u: jnp.where(ok, u, jnp.zeros_like(u)), updates)
+    return new_updates, new_state
+
+
+def is_static_zero(x) -> bool:
+    """True for a Python/concrete 0 (a term can then be left out of the traced program)."""
+    return _concrete(x) == 0.0

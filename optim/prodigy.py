@@ -1,0 +1,233 @@
+"""Prodigy: Adam with a D-Adaptation step size that estimates the distance to the solution.
+
+Faithful to ``prodigyopt.Prodigy`` 1.1.2 (one parameter group), including its defaults
+(no bias correction, decoupled weight decay), ``growth_rate``, ``safeguard_warmup``,
+``d_coef`` and ``slice_p``. Differences from ``optax.contrib.prodigy`` (0.2.8): that one
+always applies Adam's bias correction (about 0.95 relative difference in the parameters
+after a few hundred steps with the reference defaults), has no ``growth_rate``/``slice_p``/
+coupled decay, keeps ``d`` in the lowest parameter dtype (bfloat16 with bfloat16 params)
+and has no ``axis_name``.
+
+Non-finite gradients: a NaN/Inf in any gradient entry makes the step's numerator or
+``||s||_1`` non-finite; the step is then skipped (zero updates, state unchanged,
+``num_nonfinite`` incremented), so ``d`` never absorbs a NaN.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from optim import _tree
+from optim._lrfree import (
+    ScalarOrSchedule,
+    check_betas,
+    check_growth_rate,
+    check_update_args,
+    commit,
+    is_static_zero,
+    learning_rate_at,
+)
+from optim._validate import check_nonnegative, check_open_unit, check_positive
+
+#: Named settings for :func:`prodigy`, each with its source.
+#: ``"paper"``: the ``prodigyopt`` 1.1.2 defaults (Mishchenko & Defazio 2024).
+#: ``"diffusion"``: the ``prodigyopt`` README's advice for diffusion models
+#: (``safeguard_warmup=True, use_bias_correction=True, weight_decay=0.01``).
+#: ``"optax"``: the calibration of ``optax.contrib.prodigy`` 0.2.8 (bias correction always on).
+PRODIGY_PRESETS: dict[str, dict[str, Any]] = {
+    "paper": {},
+    "diffusion": {"safeguard_warmup": True, "use_bias_correction": True, "weight_decay": 0.01},
+    "optax": {"use_bias_correction": True},
+}
+
+
+class ProdigyState(NamedTuple):
+    """State of :func:`prodigy`. Scalars are float32 (float64 under x64) whatever the params."""
+
+    count: jax.Array  # shape=(), int32: steps taken (the schedule's and bias correction's k).
+    num_nonfinite: jax.Array  # shape=(), int32: steps skipped for a non-finite gradient.
+    d: jax.Array  # shape=(): the distance estimate.
+    d_max: jax.Array  # shape=(): the largest d_hat so far.
+    d_numerator: jax.Array  # shape=(): r, the beta3-weighted sum of <g, x0 - x>.
+    exp_avg: Any  # m: tree like params (None when betas[0] == 0).
+    exp_avg_sq: Any  # v: tree like params.
+    grad_sum: Any  # s: tree of flat every-slice_p-th entries (like params when slice_p == 1).
+    params0: Any  # x0: the initial params, sliced like grad_sum.
+
+
+def prodigy(
+    learning_rate: ScalarOrSchedule = 1.0,
+    betas: tuple[float, float] = (0.9, 0.999),
+    beta3: float | None = None,
+    eps: float = 1e-8,
+    weight_decay: float = 0.0,
+    decouple: bool = True,
+    use_bias_correction: bool = False,
+    safeguard_warmup: bool = False,
+    d0: float = 1e-6,
+    d_coef: float = 1.0,
+    growth_rate: float = math.inf,
+    slice_p: int | None = None,
+    *,
+    axis_name: _tree.AxisName = None,
+) -> optax.GradientTransformation:
+    r"""Prodigy (Mishchenko & Defazio, 2024): Adam whose step size ``d`` is learned.
+
+    With ``dlr = d * lr * bc`` (``bc = sqrt(1 - b2^{k+1}) / (1 - b1^{k+1})`` if
+    ``use_bias_correction`` else 1):
+
+    .. math::
+        r &\leftarrow \beta_3 r + \tfrac{d}{d_0}\,\mathrm{dlr}\,\langle g, x_0 - x\rangle,\quad
+        s \leftarrow \beta_3 s + \tfrac{d}{d_0}\,\mathrm{dlr}\,g,\quad
+        \hat d = d_\mathrm{coef}\, r / \|s\|_1 \\
+        d &\leftarrow \min(\max(d_\mathrm{max}, \hat d),\ d\cdot\mathrm{growth}),\ \text{(and }
+        d \leftarrow \max(d, \hat d) \text{ while } d = d_0) \\
+        m &\leftarrow \beta_1 m + (1-\beta_1) d\, g,\quad
+        v \leftarrow \beta_2 v + (1-\beta_2) d^2 g^2,\quad
+        x \leftarrow x - \mathrm{dlr}\, m / (\sqrt v + d\,\epsilon) - \lambda\,\mathrm{dlr}\, x
+
+    Returns signed updates (add them with ``optax.apply_updates``). ``d`` is one scalar for
+    the whole pytree, as in PyTorch with one parameter group; wrap it in
+    ``optax.partition`` for one ``d`` per group. Gradient clipping or coupled weight decay
+    chained before it change the statistics ``d`` is estimated from.
+
+    Args:
+      learning_rate: multiplier on ``d`` (a float or an optax schedule of the step count);
+        the authors recommend 1.0. A step at learning rate 0 leaves everything unchanged.
+      betas: ``(beta1, beta2)``; ``beta1 = 0`` drops the first moment (saves one copy).
+      beta3: decay of ``r`` and ``s``; ``None`` means ``sqrt(beta2)``.
+      eps: added to ``sqrt(v)`` after scaling by ``d``.
+      weight_decay: ``lambda``; decoupled (AdamW-style, scaled by ``dlr``) if ``decouple``,
+        else added to the gradient (and so to the ``d`` statistics).
+      decouple: see ``weight_decay``.
+      use_bias_correction: Adam's bias correction folded into ``dlr`` (off in the reference).
+      safeguard_warmup: accumulate ``s`` with ``d`` instead of ``dlr`` (for warmup schedules).
+      d0: the initial distance estimate (> 0).
+      d_coef: multiplies ``d_hat``; the preferred knob (0.5 to 10).
+      growth_rate: ``d`` grows at most by this factor per step (``inf``: unbounded).
+      slice_p: keep ``s`` and ``x0`` for every ``slice_p``-th entry of each flattened leaf
+        only (``None`` = 1 = exact Prodigy; ~11 saves memory). Must be a static int. Under
+        ``shard_map`` with ``slice_p > 1`` the slice is taken per shard.
+      axis_name: mapped axis over which parameters and state are sharded (``shard_map``/
+        ``pmap``); the two global sums are then ``psum``-ed so ``d`` is exact.
+
+    Returns:
+      An ``optax.GradientTransformation`` with :class:`ProdigyState`; ``update`` needs ``params``.
+
+    Example:
+      >>> import jax.numpy as jnp, optax, optim
+      >>> tx = optax.chain(optax.clip_by_global_norm(1.0), optim.prodigy())
+      >>> params = jnp.array([1.0, -2.0])
+      >>> state = tx.init(params)
+      >>> updates, state = tx.update(2 * params, state, params)
+      >>> params = optax.apply_updates(params, updates)
+
+    References:
+      Mishchenko, Defazio, `Prodigy: An Expeditiously Adaptive Parameter-Free Learner
+      <https://arxiv.org/abs/2306.06101>`_, ICML 2024.
+
+    .. warning::
+      ``optax.contrib.prodigy`` always uses bias correction; for its behaviour pass
+      ``**PRODIGY_PRESETS["optax"]``.
+    """
+    check_positive("learning_rate", learning_rate, "The authors recommend 1.0.")
+    b1, b2 = check_betas(betas)
+    if beta3 is not None:
+        check_open_unit("beta3", beta3, "Pass None for sqrt(beta2).")
+    check_positive("eps", eps, "The reference default is 1e-8.")
+    check_nonnegative("weight_decay", weight_decay, "Try 0, 1e-3, 1e-2 or 1e-1.")
+    check_positive("d0", d0, "It is the initial step size; the reference default is 1e-6 (raise to 1e-5 or 1e-4 if d stays small).")
+    check_positive("d_coef", d_coef, "Values between 0.5 and 10 are typical; 1.0 is the default.")
+    check_growth_rate(growth_rate)
+    if slice_p is None:
+        slice_p = 1
+    if isinstance(slice_p, bool) or not isinstance(slice_p, int) or slice_p < 1:
+        raise ValueError(
+            f"`slice_p` must be a static Python int >= 1, got {slice_p!r}. With "
+            "optax.inject_hyperparams pass static_args=('slice_p',)."
+        )
+    use_m = not is_static_zero(b1)
+    coupled = not decouple and not is_static_zero(weight_decay)
+    decoupled = decouple and not is_static_zero(weight_decay)
+
+    def sl(x):
+        return x.reshape(-1)[::slice_p] if slice_p > 1 else x
+
+    def init_fn(params):
+        acc = _tree.accumulation_dtype()
+        zeros = jax.tree.map(jnp.zeros_like, params)
+        return ProdigyState(
+            count=jnp.zeros((), jnp.int32),
+            num_nonfinite=jnp.zeros((), jnp.int32),
+            d=jnp.asarray(d0, acc),
+            d_max=jnp.asarray(d0, acc),
+            d_numerator=jnp.zeros((), acc),
+            exp_avg=zeros if use_m else None,
+            exp_avg_sq=zeros,
+            grad_sum=jax.tree.map(lambda p: jnp.zeros_like(sl(p)), params),
+            params0=jax.tree.map(sl, params),
+        )
+
+    def update_fn(updates, state, params=None):
+        check_update_args("prodigy", updates, params, state.exp_avg_sq, "the params given to `init`")
+        acc = _tree.accumulation_dtype()
+        lr = learning_rate_at(learning_rate, state.count)
+        d = state.d
+        d_init = jnp.asarray(d0, acc)
+        b3 = jnp.sqrt(jnp.asarray(b2, acc)) if beta3 is None else jnp.asarray(beta3, acc)
+        if use_bias_correction:
+            k1 = (state.count + 1).astype(acc)
+            bc = jnp.sqrt(1 - jnp.asarray(b2, acc) ** k1) / (1 - jnp.asarray(b1, acc) ** k1)
+        else:
+            bc = jnp.ones((), acc)
+        dlr = d * lr * bc
+        grads = updates
+        if coupled:
+            grads = jax.tree.map(lambda g, p: g + weight_decay * p, grads, params)
+
+        ratio = d / d_init
+        s_coef = ratio * (d if safeguard_warmup else dlr)
+        grad_sum = jax.tree.map(lambda s, g: (b3 * s + s_coef * sl(g)).astype(s.dtype), state.grad_sum, grads)
+        num = _tree.tree_reduce_sum(lambda g, p, p0: sl(g) * (p0 - sl(p)), grads, params, state.params0)
+        sums = _tree.psum(jnp.stack([ratio * dlr * num, _tree.tree_l1(grad_sum)]), axis_name)
+        d_numerator = b3 * state.d_numerator + sums[0]
+        denom = sums[1]
+        finite = jnp.isfinite(d_numerator) & jnp.isfinite(denom)
+        active = (lr > 0) & (denom > 0)
+
+        d_hat = d_coef * d_numerator / jnp.where(denom > 0, denom, 1)
+        d_new = jnp.where(d == d_init, jnp.maximum(d, d_hat), d)
+        d_max = jnp.maximum(state.d_max, d_hat)
+        d_new = jnp.minimum(d_max, d_new * growth_rate)
+
+        exp_avg_sq = jax.tree.map(
+            lambda v_, g: (b2 * v_ + (d * d * (1 - b2)) * jnp.square(g)).astype(v_.dtype), state.exp_avg_sq, grads
+        )
+        if use_m:
+            exp_avg = jax.tree.map(lambda m, g: (b1 * m + (d * (1 - b1)) * g).astype(m.dtype), state.exp_avg, grads)
+            direction = exp_avg
+            step = dlr
+        else:
+            exp_avg, direction, step = None, grads, dlr * d_new
+
+        def leaf_update(u, v_, p):
+            out = -step * u / (jnp.sqrt(v_) + d_new * eps)
+            if decoupled:
+                out = out - (weight_decay * dlr) * p
+            return out.astype(p.dtype)
+
+        new_updates = jax.tree.map(leaf_update, direction, exp_avg_sq, params)
+        count = optax.safe_increment(state.count)
+        stepped = ProdigyState(count, state.num_nonfinite, d_new, d_max, d_numerator, exp_avg, exp_avg_sq, grad_sum,
+                               state.params0)
+        # lr == 0 (or no gradient signal yet): the reference returns before touching anything
+        idle = state._replace(count=count)
+        new_updates = jax.tree.map(lambda u: jnp.where(active, u, jnp.zeros_like(u)), new_updates)
+        return commit(finite, new_updates, _tree.tree_where(active, stepped, idle), state)
+
+    return optax.GradientTransformation(init_fn, update_fn)
