@@ -110,23 +110,42 @@ def multinomial(key, log_weights, num_samples: int):
     return _inverse_cdf(cdf, u)
 
 
-def stratified(key, log_weights, num_samples: int):
-    """Stratified resampling (Kitagawa, 1996): one independent uniform in each stratum [j/M, (j+1)/M)."""
-    _check_num_samples(num_samples)
+def _ancestors_from_strata(log_weights, num_samples, uniforms):
+    """Sorted ancestors for u_j = (j + U_j) / M, without a search: O(N + M).
+
+    The number of u_j below a CDF value c is F(c) = floor(M c) + [U_floor(Mc) < frac(M c)]; particle i gets
+    F(c_i) - F(c_(i-1)) offspring. F is computed in integers and fractions, so it is monotone, F(1) = M
+    exactly (the CDF is divided by its own last entry), and a zero weight (c_i = c_(i-1)) gets no offspring.
+    """
     cdf = _unnormalized_cdf(log_weights)
-    u = (jnp.arange(num_samples, dtype=cdf.dtype) + jax.random.uniform(key, (num_samples,), dtype=cdf.dtype)) / num_samples
-    return _inverse_cdf(cdf, u)
+    total = cdf[-1]
+    scaled = num_samples * (cdf / jnp.where(total > 0, total, 1.0))
+    whole = jnp.floor(scaled)
+    slot = jnp.minimum(whole.astype(jnp.int32), num_samples - 1)
+    below = whole.astype(jnp.int32) + (uniforms.astype(cdf.dtype)[slot] < scaled - whole)
+    counts = jnp.diff(below, prepend=0)
+    n = cdf.shape[0]
+    ancestors = jnp.repeat(jnp.arange(n, dtype=jnp.int32), counts, total_repeat_length=num_samples)
+    return jnp.where(total > 0, ancestors, jnp.arange(num_samples, dtype=jnp.int32) % n)
+
+
+def stratified(key, log_weights, num_samples: int):
+    """Stratified resampling (Kitagawa, 1996): one independent uniform in each stratum [j/M, (j+1)/M).
+
+    Returns sorted ancestors.
+    """
+    _check_num_samples(num_samples)
+    return _ancestors_from_strata(log_weights, num_samples, jax.random.uniform(key, (num_samples,)))
 
 
 def systematic(key, log_weights, num_samples: int):
     """Systematic resampling (Carpenter, Clifford & Fearnhead, 1999): one uniform shared by all strata.
 
-    The offspring count of particle i is floor(M w_i) or ceil(M w_i).
+    The offspring count of particle i is floor(M w_i) or ceil(M w_i). Returns sorted ancestors.
     """
     _check_num_samples(num_samples)
-    cdf = _unnormalized_cdf(log_weights)
-    u = (jnp.arange(num_samples, dtype=cdf.dtype) + jax.random.uniform(key, (), dtype=cdf.dtype)) / num_samples
-    return _inverse_cdf(cdf, u)
+    u = jax.random.uniform(key, ())
+    return _ancestors_from_strata(log_weights, num_samples, jnp.broadcast_to(u, (num_samples,)))
 
 
 def residual(key, log_weights, num_samples: int):
