@@ -367,3 +367,34 @@ def test_bad_inputs_raise_clear_errors():
         optim.cbo_minimize(lambda p: p, x, jax.random.key(0), tx, 10)
     with pytest.raises(ValueError, match="exactly one consensus transform"):
         optim.cbo_minimize(sphere, x, jax.random.key(0), optax.sgd(0.1), 10)
+
+
+# ----------------------------------------------------------------------------------------------
+# parity with CBXpy (one cheap cell; the d = 20 grid is benchmarks/cbo_parity.py)
+
+
+@pytest.mark.reference("cbx")
+def test_success_rate_matches_cbx_on_an_intermediate_cell():
+    """Ackley d=5, N=10, isotropic sigma=0.5, dt=0.01, alpha 30 x1.05 <= 1e5, 500 steps, 100 runs
+    from the same U(-3,3) ensembles: a cell with a success rate near 0.4, where a wrong noise
+    scale, drift or alpha schedule moves the rate. Binomial s.e. of the difference ~0.07."""
+    from cbx.dynamics import CBO
+    from cbx.objectives import Ackley
+    from cbx.scheduler import multiply, scheduler
+
+    runs, n, d, steps = 100, 10, 5, 500
+    x0 = np.random.default_rng(0).uniform(-3, 3, size=(runs, n, d))
+    dyn = CBO(Ackley(), f_dim="3D", x=x0.copy(), noise="isotropic", sigma=0.5, lamda=1.0, dt=0.01, alpha=30.0,
+              max_it=steps, verbosity=0, seed=0)
+    dyn.optimize(sched=scheduler([multiply(name="alpha", factor=1.05, maximum=1e5)]))
+    cbx_rate = float(np.mean(np.max(np.abs(dyn.consensus[:, 0, :]), axis=1) < 0.25))
+
+    def ackley(x):
+        return -20.0 * jnp.exp(-0.2 * jnp.sqrt(jnp.mean(x**2))) - jnp.exp(jnp.mean(jnp.cos(2 * jnp.pi * x))) + 20 + jnp.e
+
+    tx = optim.cbo(noise="isotropic", sigma=0.5, lambda_=1.0, dt=0.01, alpha=30.0, alpha_growth=1.05, alpha_max=1e5)
+    keys = jax.random.split(jax.random.key(0), runs)
+    c = jax.jit(jax.vmap(lambda k, x: optim.cbo_minimize(ackley, x, k, tx, steps).consensus))(keys, jnp.asarray(x0))
+    jax_rate = float(jnp.mean(jnp.max(jnp.abs(c), axis=1) < 0.25))
+    assert 0.15 < cbx_rate < 0.85  # the cell is informative
+    assert abs(jax_rate - cbx_rate) <= 0.2, (jax_rate, cbx_rate)
