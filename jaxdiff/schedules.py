@@ -166,12 +166,13 @@ class VPDiscrete(_VP):
         given = [v is not None for v in (betas, alphas_cumprod, log_alphas)]
         if sum(given) != 1:
             raise ValueError("`VPDiscrete` takes exactly one of `betas`, `alphas_cumprod` or `log_alphas`.")
+        table = next(v for v in (betas, alphas_cumprod, log_alphas) if v is not None)
+        if jnp.ndim(table) != 1 or jnp.shape(table)[0] < 2:
+            raise ValueError(f"`VPDiscrete` needs a 1-D table of at least 2 entries, got shape {jnp.shape(table)}.")
         if betas is not None:
             log_alphas = 0.5 * jnp.cumsum(jnp.log1p(-_float(betas)))
         elif alphas_cumprod is not None:
             log_alphas = 0.5 * jnp.log(_float(alphas_cumprod))
-        if jnp.ndim(log_alphas) != 1 or jnp.shape(log_alphas)[0] < 2:
-            raise ValueError(f"`VPDiscrete` needs a 1-D table of at least 2 entries, got shape {jnp.shape(log_alphas)}.")
         object.__setattr__(self, "log_alphas", log_alphas)
 
     @property
@@ -247,6 +248,9 @@ class EDM(Schedule):
     def log_alpha(self, t):
         return jnp.zeros_like(_float(t))
 
+    def sigma(self, t):
+        return _float(t)
+
     def log_sigma(self, t):
         t = _float(t)
         return jnp.where(t > 0, jnp.log(jnp.where(t > 0, t, 1.0)), -jnp.inf)
@@ -271,6 +275,12 @@ class RectifiedFlow(Schedule):
 
     t_end: float = struct.field(pytree_node=False, default=1e-3)
     t_start: float = struct.field(pytree_node=False, default=1.0)
+
+    def alpha(self, t):
+        return 1.0 - _float(t)
+
+    def sigma(self, t):
+        return _float(t)
 
     def log_alpha(self, t):
         t = _float(t)

@@ -62,23 +62,30 @@ class GaussianData(_Analytic):
     mean: jax.Array
     scale: jax.Array
 
-    def variance(self, schedule: Schedule, t):
-        return schedule.alpha(t) ** 2 * self.scale**2 + schedule.sigma(t) ** 2
+    def _params(self, shape):
+        return jnp.broadcast_to(self.mean, shape), jnp.broadcast_to(self.scale, shape)
+
+    def variance(self, schedule: Schedule, t, shape=()):
+        scale = jnp.broadcast_to(self.scale, jnp.broadcast_shapes(shape, jnp.shape(self.scale)))
+        return schedule.alpha(t) ** 2 * scale**2 + schedule.sigma(t) ** 2
 
     def x0_eps(self, schedule: Schedule, x, t):
+        mean, scale = self._params(x.shape)
         alpha, sigma = schedule.alpha(t), schedule.sigma(t)
-        c = self.variance(schedule, t)
-        centred = x - alpha * self.mean
-        return self.mean + alpha * self.scale**2 / c * centred, sigma / c * centred
+        c = alpha**2 * scale**2 + sigma**2
+        centred = x - alpha * mean
+        return mean + alpha * scale**2 / c * centred, sigma / c * centred
 
     def flow(self, schedule: Schedule, x_s, s, t):
         """Exact probability-flow map from time s to time t."""
-        ratio = jnp.sqrt(self.variance(schedule, t) / self.variance(schedule, s))
-        return schedule.alpha(t) * self.mean + ratio * (x_s - schedule.alpha(s) * self.mean)
+        mean, _ = self._params(x_s.shape)
+        ratio = jnp.sqrt(self.variance(schedule, t, x_s.shape) / self.variance(schedule, s, x_s.shape))
+        return schedule.alpha(t) * mean + ratio * (x_s - schedule.alpha(s) * mean)
 
     def sample_marginal(self, key, schedule: Schedule, t, shape):
+        mean, _ = self._params(shape)
         z = jax.random.normal(key, shape)
-        return schedule.alpha(t) * self.mean + jnp.sqrt(self.variance(schedule, t)) * z
+        return schedule.alpha(t) * mean + jnp.sqrt(self.variance(schedule, t, shape)) * z
 
 
 class GaussianMixture(_Analytic):
@@ -91,28 +98,29 @@ class GaussianMixture(_Analytic):
     means: jax.Array
     scales: jax.Array
 
-    def _responsibilities(self, schedule, x, t):
+    def _components(self, schedule, x, t):
+        """Per-component log densities (up to a shared constant), differences and variances."""
         alpha, sigma = schedule.alpha(t), schedule.sigma(t)
+        num, d = self.means.shape
         c = alpha**2 * self.scales**2 + sigma**2  # (K,)
-        d = self.means.shape[-1]
-        diff = x[..., None, :] - alpha * self.means  # (..., K, d)
-        logp = jnp.log(self.weights) - 0.5 * jnp.sum(diff**2, -1) / c - 0.5 * d * jnp.log(c)
-        return jax.nn.softmax(logp, axis=-1), diff, c
+        xb = jnp.broadcast_to(x[..., None, :], x.shape[:-1] + (num, d))
+        diff = xb - alpha * jnp.broadcast_to(self.means, xb.shape)  # (..., K, d)
+        cb = jnp.broadcast_to(c, diff.shape[:-1])
+        logp = jnp.broadcast_to(jnp.log(self.weights), cb.shape) - 0.5 * jnp.sum(diff**2, -1) / cb - 0.5 * d * jnp.log(2 * jnp.pi * cb)
+        return logp, diff, c
 
     def log_prob(self, schedule: Schedule, x, t):
-        alpha, sigma = schedule.alpha(t), schedule.sigma(t)
-        c = alpha**2 * self.scales**2 + sigma**2
-        d = self.means.shape[-1]
-        diff = x[..., None, :] - alpha * self.means
-        logp = jnp.log(self.weights) - 0.5 * jnp.sum(diff**2, -1) / c - 0.5 * d * jnp.log(2 * jnp.pi * c)
-        return jax.scipy.special.logsumexp(logp, axis=-1)
+        """log p_t(x), exact."""
+        return jax.scipy.special.logsumexp(self._components(schedule, x, t)[0], axis=-1)
 
     def x0_eps(self, schedule: Schedule, x, t):
         alpha, sigma = schedule.alpha(t), schedule.sigma(t)
-        resp, diff, c = self._responsibilities(schedule, x, t)
-        # E[eps | x] = sigma * sum_k r_k diff_k / C_k ; E[x0 | x] = (x - sigma eps) / alpha, computed stably:
-        eps = sigma * jnp.sum(resp[..., None] * diff / c[:, None], axis=-2)
-        x0 = jnp.sum(resp[..., None] * (self.means + (alpha * self.scales**2 / c)[:, None] * diff), axis=-2)
+        logp, diff, c = self._components(schedule, x, t)
+        resp = jax.nn.softmax(logp, axis=-1)[..., None]  # (..., K, 1)
+        cd = jnp.broadcast_to(c[:, None], diff.shape)
+        eps = sigma * jnp.sum(resp * diff / cd, axis=-2)
+        shrink = jnp.broadcast_to((alpha * self.scales**2 / c)[:, None], diff.shape)
+        x0 = jnp.sum(resp * (jnp.broadcast_to(self.means, diff.shape) + shrink * diff), axis=-2)
         return x0, eps
 
     def sample(self, key, num: int, schedule: Schedule | None = None, t=0.0):
@@ -120,8 +128,6 @@ class GaussianMixture(_Analytic):
         k1, k2 = jax.random.split(key)
         comp = jax.random.choice(k1, self.weights.shape[0], (num,), p=self.weights)
         z = jax.random.normal(k2, (num, self.means.shape[-1]))
-        if schedule is None:
-            return self.means[comp] + self.scales[comp, None] * z
-        alpha, sigma = schedule.alpha(t), schedule.sigma(t)
+        alpha, sigma = (1.0, 0.0) if schedule is None else (schedule.alpha(t), schedule.sigma(t))
         std = jnp.sqrt(alpha**2 * self.scales[comp] ** 2 + sigma**2)
         return alpha * self.means[comp] + std[:, None] * z
