@@ -7,7 +7,20 @@ Every optimizer is a function returning an ``optax.GradientTransformation`` (or
 """
 
 # --- learning-rate-free optimizers ---
+from optim.dadapt import (  # noqa: F401
+    DADAPT_ADAM_PRESETS,
+    DADAPT_SGD_PRESETS,
+    DAdaptAdaGradState,
+    DAdaptAdamState,
+    DAdaptLionState,
+    DAdaptSGDState,
+    dadapt_adagrad,
+    dadapt_adam,
+    dadapt_lion,
+    dadapt_sgd,
+)
 from optim.prodigy import PRODIGY_PRESETS, ProdigyState, prodigy  # noqa: F401
+from optim.mechanic import MECHANIC_PRESETS, MechanicState, mechanize  # noqa: F401
 from optim.dog import (  # noqa: F401
     DOG_PRESETS,
     DOWG_PRESETS,

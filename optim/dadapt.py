@@ -1,0 +1,532 @@
+"""D-Adaptation (Defazio & Mishchenko, 2023): SGD, Adam, AdaGrad and Lion with a learned step size.
+
+Each transform keeps a lower bound ``d`` on the distance ``||x_0 - x_*||`` built from a
+weighted sum of ``<g_k, s_k>`` (the numerator) over the size of the accumulated step
+``s`` (the denominator), and uses ``dlr = d * lr`` as its step size. They are faithful to
+the ``dadaptation`` 3.2 package (one parameter group), defaults included.
+
+Differences from ``optax.contrib.dadapt_adamw`` (0.2.8): that one always applies Adam's
+bias correction and decoupled weight decay (the reference defaults are neither; about
+0.95 relative parameter difference after a few hundred steps), keeps ``d`` in the lowest
+parameter dtype, has no ``growth_rate`` and no ``axis_name``. SGD, AdaGrad and Lion have no
+optax counterpart.
+
+Non-finite gradients: a NaN/Inf gradient entry makes the step's global sums non-finite;
+the step is then skipped (zero updates, state unchanged, ``num_nonfinite`` incremented),
+so ``d`` never absorbs a NaN. A step at learning rate 0 leaves ``d`` unchanged.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from optim import _tree
+from optim._lrfree import (
+    ScalarOrSchedule,
+    check_betas,
+    check_growth_rate,
+    check_update_args,
+    commit,
+    is_static_zero,
+    learning_rate_at,
+)
+from optim._validate import _concrete, check_nonnegative, check_positive
+
+#: Named settings for :func:`dadapt_adam`, each with its source.
+#: ``"paper"``: the ``dadaptation`` 3.2 ``DAdaptAdam`` defaults (coupled decay, no bias correction).
+#: ``"optax"``: the calibration of ``optax.contrib.dadapt_adamw`` 0.2.8 (bias correction and
+#: decoupled decay always on).
+DADAPT_ADAM_PRESETS: dict[str, dict[str, Any]] = {
+    "paper": {},
+    "optax": {"use_bias_correction": True, "decouple": True},
+}
+
+#: Named settings for :func:`dadapt_sgd`. ``"paper"``: the ``dadaptation`` 3.2 ``DAdaptSGD``
+#: defaults (``momentum=0``, which diverges on small tanh networks in PyTorch itself).
+#: ``"momentum"``: ``momentum=0.9``, the usual SGD momentum, stable on the same networks.
+DADAPT_SGD_PRESETS: dict[str, dict[str, Any]] = {
+    "paper": {},
+    "momentum": {"momentum": 0.9},
+}
+
+_D0_HINT = "It is the initial distance estimate; the reference default is 1e-6."
+
+
+def _check_common(learning_rate, weight_decay, d0, growth_rate=None):
+    check_positive("learning_rate", learning_rate, "D-Adaptation expects 1.0 (times any schedule).")
+    check_nonnegative("weight_decay", weight_decay)
+    check_positive("d0", d0, _D0_HINT)
+    if growth_rate is not None:
+        check_growth_rate(growth_rate)
+
+
+def _check_momentum(momentum):
+    m = _concrete(momentum)
+    if m is not None and not 0.0 <= m < 1.0:
+        raise ValueError(f"`momentum` must be in [0, 1), got {momentum!r}. Use 0 (the reference default) or 0.9.")
+
+
+def _grow(d, d_hat, growth_rate, active):
+    """``max(d, min(d_hat, d * growth_rate))`` when ``active``, else ``d``."""
+    return jnp.where(active, jnp.maximum(d, jnp.minimum(d_hat, d * growth_rate)), d)
+
+
+def _safe_div(a, b):
+    return a / jnp.where(b > 0, b, 1)
+
+
+def _scalars(*xs):
+    return jnp.stack([jnp.asarray(x, _tree.accumulation_dtype()) for x in xs])
+
+
+# ----------------------------------------------------------------------------- Adam
+
+
+class DAdaptAdamState(NamedTuple):
+    """State of :func:`dadapt_adam`. Scalars are float32 (float64 under x64)."""
+
+    count: jax.Array  # shape=(), int32: steps taken.
+    num_nonfinite: jax.Array  # shape=(), int32: steps skipped for a non-finite gradient.
+    d: jax.Array  # shape=(): the distance estimate.
+    numerator_weighted: jax.Array  # shape=(): sqrt(beta2)-EMA of dlr * <g, s / (sqrt(v) + eps)>.
+    exp_avg: Any  # m (already scaled by dlr): tree like params.
+    exp_avg_sq: Any  # v: tree like params.
+    grad_sum: Any  # s: tree like params.
+
+
+def dadapt_adam(
+    learning_rate: ScalarOrSchedule = 1.0,
+    betas: tuple[float, float] = (0.9, 0.999),
+    eps: float = 1e-8,
+    weight_decay: float = 0.0,
+    decouple: bool = False,
+    use_bias_correction: bool = False,
+    d0: float = 1e-6,
+    growth_rate: float = math.inf,
+    *,
+    axis_name: _tree.AxisName = None,
+) -> optax.GradientTransformation:
+    r"""D-Adapted Adam (``dadaptation.DAdaptAdam``).
+
+    With ``dlr = d * lr * bc`` and ``b = sqrt(beta2)``:
+
+    .. math::
+        n &\leftarrow b\, n + (1-b)\,\mathrm{dlr}\,\langle g, s/(\sqrt v+\epsilon)\rangle,\quad
+        m \leftarrow \beta_1 m + (1-\beta_1)\,\mathrm{dlr}\, g,\quad
+        v \leftarrow \beta_2 v + (1-\beta_2) g^2,\quad
+        s \leftarrow b\, s + (1-b)\,\mathrm{dlr}\, g \\
+        d &\leftarrow \max\bigl(d, \min(n / ((1-b)\|s\|_1),\ d\cdot\mathrm{growth})\bigr),\quad
+        x \leftarrow x - m/(\sqrt v + \epsilon) - \lambda\,\mathrm{dlr}\,x\ (\text{decoupled})
+
+    ``n`` uses ``s`` and ``v`` from before the step; the new ``d`` takes effect next step.
+
+    Args:
+      learning_rate: multiplier on ``d`` (float or schedule of the step count); use 1.0.
+      betas: ``(beta1, beta2)``, ``beta1`` in [0, 1), ``beta2`` in (0, 1).
+      eps: added to ``sqrt(v)``.
+      weight_decay: ``lambda``; added to the gradient (coupled, the reference default) or,
+        with ``decouple``, applied AdamW-style scaled by ``dlr``. The README advises 2-4x
+        the usual value.
+      decouple: AdamW-style decay.
+      use_bias_correction: fold ``sqrt(1 - beta2^{k+1}) / (1 - beta1^{k+1})`` into ``dlr``.
+      d0: initial ``d`` (> 0).
+      growth_rate: ``d`` grows at most by this factor per step.
+      axis_name: mapped axis over which params/state are sharded (``shard_map``/``pmap``).
+
+    Returns:
+      An ``optax.GradientTransformation`` with :class:`DAdaptAdamState`; ``update`` needs ``params``.
+
+    Example:
+      >>> import jax.numpy as jnp, optax, optim
+      >>> tx = optim.dadapt_adam()
+      >>> params = jnp.array([1.0, -2.0])
+      >>> updates, state = tx.update(2 * params, tx.init(params), params)
+      >>> params = optax.apply_updates(params, updates)
+
+    References:
+      Defazio, Mishchenko, `Learning-Rate-Free Learning by D-Adaptation
+      <https://arxiv.org/abs/2301.07733>`_, ICML 2023.
+
+    .. warning::
+      ``optax.contrib.dadapt_adamw`` is ``DADAPT_ADAM_PRESETS["optax"]``, not the reference defaults.
+    """
+    _check_common(learning_rate, weight_decay, d0, growth_rate)
+    b1, b2 = check_betas(betas)
+    check_positive("eps", eps, "The reference default is 1e-8.")
+    coupled = not decouple and not is_static_zero(weight_decay)
+    decoupled = decouple and not is_static_zero(weight_decay)
+
+    def init_fn(params):
+        acc = _tree.accumulation_dtype()
+        zeros = jax.tree.map(jnp.zeros_like, params)
+        return DAdaptAdamState(
+            jnp.zeros((), jnp.int32), jnp.zeros((), jnp.int32), jnp.asarray(d0, acc), jnp.zeros((), acc),
+            zeros, zeros, zeros,
+        )
+
+    def update_fn(updates, state, params=None):
+        check_update_args("dadapt_adam", updates, params, state.exp_avg, "the params given to `init`")
+        acc = _tree.accumulation_dtype()
+        lr = learning_rate_at(learning_rate, state.count)
+        sb2 = jnp.sqrt(jnp.asarray(b2, acc))
+        if use_bias_correction:
+            k1 = (state.count + 1).astype(acc)
+            bc = jnp.sqrt(1 - jnp.asarray(b2, acc) ** k1) / (1 - jnp.asarray(b1, acc) ** k1)
+        else:
+            bc = jnp.ones((), acc)
+        d = state.d
+        dlr = d * lr * bc
+        grads = updates
+        if coupled:
+            grads = jax.tree.map(lambda g, p: g + weight_decay * p, grads, params)
+
+        num = _tree.tree_reduce_sum(lambda g, s, v: g * (s / (jnp.sqrt(v) + eps)), grads, state.grad_sum,
+                                    state.exp_avg_sq)
+        exp_avg = jax.tree.map(lambda m, g: (b1 * m + (dlr * (1 - b1)) * g).astype(m.dtype), state.exp_avg, grads)
+        exp_avg_sq = jax.tree.map(lambda v, g: (b2 * v + (1 - b2) * jnp.square(g)).astype(v.dtype),
+                                  state.exp_avg_sq, grads)
+        grad_sum = jax.tree.map(lambda s, g: (sb2 * s + (dlr * (1 - sb2)) * g).astype(s.dtype), state.grad_sum, grads)
+        num, sk_l1 = _tree.psum(_scalars(dlr * num, _tree.tree_l1(grad_sum)), axis_name)
+        numerator_weighted = sb2 * state.numerator_weighted + (1 - sb2) * num
+        finite = jnp.isfinite(numerator_weighted) & jnp.isfinite(sk_l1)
+        active = (lr > 0) & (sk_l1 > 0)
+        d_new = _grow(d, _safe_div(numerator_weighted, (1 - sb2) * sk_l1), growth_rate, active)
+
+        def leaf_update(m, v, p):
+            out = -m / (jnp.sqrt(v) + eps)
+            if decoupled:
+                out = out - (weight_decay * dlr) * p
+            return out.astype(p.dtype)
+
+        new_updates = jax.tree.map(leaf_update, exp_avg, exp_avg_sq, params)
+        count = optax.safe_increment(state.count)
+        stepped = DAdaptAdamState(count, state.num_nonfinite, d_new, numerator_weighted, exp_avg, exp_avg_sq, grad_sum)
+        # lr == 0 or no gradient signal yet: the reference returns before changing anything
+        new_updates = jax.tree.map(lambda u: jnp.where(active, u, jnp.zeros_like(u)), new_updates)
+        return commit(finite, new_updates, _tree.tree_where(active, stepped, state._replace(count=count)), state)
+
+    return optax.GradientTransformation(init_fn, update_fn)
+
+
+# ----------------------------------------------------------------------------- SGD
+
+
+class DAdaptSGDState(NamedTuple):
+    """State of :func:`dadapt_sgd`. Scalars are float32 (float64 under x64)."""
+
+    count: jax.Array  # shape=(), int32: steps taken.
+    num_nonfinite: jax.Array  # shape=(), int32: steps skipped for a non-finite gradient.
+    d: jax.Array  # shape=(): the distance estimate.
+    numerator_weighted: jax.Array  # shape=(): sum of dlr * <g, s>.
+    g0_norm: jax.Array  # shape=(): ||g_0|| of the first (raw, nonzero) gradient; 0 before it.
+    grad_sum: Any  # s = sum of dlr * g: tree like params.
+    params0: Any  # x0: the initial params.
+
+
+def dadapt_sgd(
+    learning_rate: ScalarOrSchedule = 1.0,
+    momentum: float = 0.0,
+    weight_decay: float = 0.0,
+    d0: float = 1e-6,
+    growth_rate: float = math.inf,
+    *,
+    axis_name: _tree.AxisName = None,
+) -> optax.GradientTransformation:
+    r"""D-Adapted SGD in dual-averaging form (``dadaptation.DAdaptSGD``).
+
+    With ``dlr = d * lr / ||g_0||``:
+
+    .. math::
+        n \leftarrow n + \mathrm{dlr}\,\langle g, s\rangle,\quad s \leftarrow s + \mathrm{dlr}\, g,\quad
+        d \leftarrow \max\bigl(d, \min(2n/\|s\|_2,\ d\cdot\mathrm{growth})\bigr),\quad
+        x \leftarrow \mu x + (1-\mu)(x_0 - s)
+
+    Args:
+      learning_rate: multiplier on ``d`` (float or schedule of the step count); use 1.0.
+      momentum: ``mu`` in [0, 1). The reference default 0 can diverge on small non-convex
+        networks (it does in PyTorch too); ``DADAPT_SGD_PRESETS["momentum"]`` uses 0.9.
+      weight_decay: coupled L2 decay added to the gradient. As in the reference, ``||g_0||``
+        is measured on the raw gradient, without it.
+      d0: initial ``d`` (> 0).
+      growth_rate: ``d`` grows at most by this factor per step.
+      axis_name: mapped axis over which params/state are sharded (``shard_map``/``pmap``).
+
+    Returns:
+      An ``optax.GradientTransformation`` with :class:`DAdaptSGDState`; ``update`` needs ``params``.
+
+    Example:
+      >>> import jax.numpy as jnp, optax, optim
+      >>> tx = optim.dadapt_sgd(momentum=0.9)
+      >>> params = jnp.array([1.0, -2.0])
+      >>> updates, state = tx.update(2 * params, tx.init(params), params)
+
+    References:
+      Defazio, Mishchenko, `Learning-Rate-Free Learning by D-Adaptation
+      <https://arxiv.org/abs/2301.07733>`_, ICML 2023.
+    """
+    _check_common(learning_rate, weight_decay, d0, growth_rate)
+    _check_momentum(momentum)
+    coupled = not is_static_zero(weight_decay)
+
+    def init_fn(params):
+        acc = _tree.accumulation_dtype()
+        return DAdaptSGDState(
+            jnp.zeros((), jnp.int32), jnp.zeros((), jnp.int32), jnp.asarray(d0, acc), jnp.zeros((), acc),
+            jnp.zeros((), acc), jax.tree.map(jnp.zeros_like, params), params,
+        )
+
+    def update_fn(updates, state, params=None):
+        check_update_args("dadapt_sgd", updates, params, state.grad_sum, "the params given to `init`")
+        lr = learning_rate_at(learning_rate, state.count)
+        # the first gradient with signal fixes ||g_0|| (the reference takes step 0's, even if 0)
+        g0_norm = jnp.where(state.g0_norm > 0, state.g0_norm, _tree.tree_norm(updates, axis_name))
+        d = state.d
+        dlr = d * lr / g0_norm
+        grads = updates
+        if coupled:
+            grads = jax.tree.map(lambda g, p: g + weight_decay * p, grads, params)
+        num = _tree.tree_vdot(grads, state.grad_sum)
+        grad_sum = jax.tree.map(lambda s, g: (s + dlr * g).astype(s.dtype), state.grad_sum, grads)
+        num, sk_sq = _tree.psum(_scalars(num, _tree.tree_norm_sq(grad_sum)), axis_name)
+        numerator_weighted = state.numerator_weighted + dlr * num
+        finite = jnp.isfinite(numerator_weighted) & jnp.isfinite(sk_sq)
+        active = (sk_sq > 0) & (lr > 0)
+        d_new = _grow(d, _safe_div(2 * numerator_weighted, jnp.sqrt(sk_sq)), growth_rate, active)
+        new_updates = jax.tree.map(
+            lambda x0, s, p: ((1 - momentum) * ((x0 - p) - s)).astype(p.dtype), state.params0, grad_sum, params
+        )
+        count = optax.safe_increment(state.count)
+        stepped = DAdaptSGDState(count, state.num_nonfinite, d_new, numerator_weighted, g0_norm, grad_sum,
+                                 state.params0)
+        new_updates = jax.tree.map(lambda u: jnp.where(active, u, jnp.zeros_like(u)), new_updates)
+        return commit(finite, new_updates, _tree.tree_where(active, stepped, state._replace(count=count)), state)
+
+    return optax.GradientTransformation(init_fn, update_fn)
+
+
+# ----------------------------------------------------------------------------- AdaGrad
+
+_ALPHA0 = 1e-6  # the reference's initial AdaGrad accumulator (fixed, independent of eps)
+
+
+class DAdaptAdaGradState(NamedTuple):
+    """State of :func:`dadapt_adagrad`. Scalars are float32 (float64 under x64)."""
+
+    count: jax.Array  # shape=(), int32: steps taken.
+    num_nonfinite: jax.Array  # shape=(), int32: steps skipped for a non-finite gradient.
+    d: jax.Array  # shape=(): the distance estimate.
+    gsq_weighted: jax.Array  # shape=(): sum of dlr^2 * sum(g^2 / (sqrt(alpha) + eps)).
+    alpha: Any  # AdaGrad's sum of g^2 (from 1e-6): tree like params.
+    grad_sum: Any  # s = sum of dlr * g: tree like params.
+    params0: Any  # x0: the initial params.
+
+
+def dadapt_adagrad(
+    learning_rate: ScalarOrSchedule = 1.0,
+    momentum: float = 0.0,
+    weight_decay: float = 0.0,
+    eps: float = 1e-6,
+    d0: float = 1e-6,
+    growth_rate: float = math.inf,
+    *,
+    axis_name: _tree.AxisName = None,
+) -> optax.GradientTransformation:
+    r"""D-Adapted AdaGrad in dual-averaging form (``dadaptation.DAdaptAdaGrad``, dense gradients).
+
+    With ``dlr = d * lr`` and ``a = sqrt(alpha) + eps``:
+
+    .. math::
+        \alpha \leftarrow \alpha + g^2,\quad s \leftarrow s + \mathrm{dlr}\,g,\quad
+        \gamma \leftarrow \gamma + \mathrm{dlr}^2 \textstyle\sum g^2/a,\quad
+        \hat d = \bigl(\textstyle\sum s^2/a - \gamma\bigr)/\|s\|_1,\quad
+        x \leftarrow \mu x + (1-\mu)(x_0 - s/a)
+
+    and ``d <- max(d, min(d_hat, d * growth))``. The reference keeps ``sum s^2/a`` and
+    ``||s||_1`` as running sums of per-step changes; they telescope to the values computed
+    here directly (one fewer pass over the state). The reference README notes that it
+    adapts slowly and recommends :func:`dadapt_adam`.
+
+    Args:
+      learning_rate: multiplier on ``d`` (float or schedule); use 1.0.
+      momentum: ``mu`` in [0, 1).
+      weight_decay: coupled L2 decay added to the gradient.
+      eps: added to ``sqrt(alpha)`` (reference default 1e-6).
+      d0: initial ``d`` (> 0).
+      growth_rate: ``d`` grows at most by this factor per step.
+      axis_name: mapped axis over which params/state are sharded (``shard_map``/``pmap``).
+
+    Returns:
+      An ``optax.GradientTransformation`` with :class:`DAdaptAdaGradState`; ``update`` needs ``params``.
+
+    Example:
+      >>> import jax.numpy as jnp, optim
+      >>> tx = optim.dadapt_adagrad()
+      >>> params = jnp.array([1.0, -2.0])
+      >>> updates, state = tx.update(2 * params, tx.init(params), params)
+
+    References:
+      Defazio, Mishchenko, `Learning-Rate-Free Learning by D-Adaptation
+      <https://arxiv.org/abs/2301.07733>`_, ICML 2023.
+    """
+    _check_common(learning_rate, weight_decay, d0, growth_rate)
+    _check_momentum(momentum)
+    check_positive("eps", eps, "The reference default is 1e-6.")
+    coupled = not is_static_zero(weight_decay)
+
+    def init_fn(params):
+        acc = _tree.accumulation_dtype()
+        return DAdaptAdaGradState(
+            jnp.zeros((), jnp.int32), jnp.zeros((), jnp.int32), jnp.asarray(d0, acc), jnp.zeros((), acc),
+            jax.tree.map(lambda p: jnp.full_like(p, _ALPHA0), params), jax.tree.map(jnp.zeros_like, params), params,
+        )
+
+    def update_fn(updates, state, params=None):
+        check_update_args("dadapt_adagrad", updates, params, state.grad_sum, "the params given to `init`")
+        lr = learning_rate_at(learning_rate, state.count)
+        d = state.d
+        dlr = d * lr
+        grads = updates
+        if coupled:
+            grads = jax.tree.map(lambda g, p: g + weight_decay * p, grads, params)
+        alpha = jax.tree.map(lambda a, g: (a + jnp.square(g)).astype(a.dtype), state.alpha, grads)
+        grad_sum = jax.tree.map(lambda s, g: (s + dlr * g).astype(s.dtype), state.grad_sum, grads)
+
+        def weighted(x, a):
+            return jnp.square(x) / (jnp.sqrt(a) + eps)
+
+        g_sq, sk_sq, sk_l1 = _tree.psum(
+            _scalars(
+                _tree.tree_reduce_sum(weighted, grads, alpha),
+                _tree.tree_reduce_sum(weighted, grad_sum, alpha),
+                _tree.tree_l1(grad_sum),
+            ),
+            axis_name,
+        )
+        gsq_weighted = state.gsq_weighted + dlr * dlr * g_sq
+        finite = jnp.isfinite(gsq_weighted) & jnp.isfinite(sk_sq) & jnp.isfinite(sk_l1)
+        active = sk_l1 > 0
+        d_new = _grow(d, _safe_div(sk_sq - gsq_weighted, sk_l1), growth_rate, active & (lr > 0))
+        new_updates = jax.tree.map(
+            lambda x0, s, a, p: ((1 - momentum) * ((x0 - p) - s / (jnp.sqrt(a) + eps))).astype(p.dtype),
+            state.params0, grad_sum, alpha, params,
+        )
+        count = optax.safe_increment(state.count)
+        stepped = DAdaptAdaGradState(count, state.num_nonfinite, d_new, gsq_weighted, alpha, grad_sum, state.params0)
+        new_updates = jax.tree.map(lambda u: jnp.where(active, u, jnp.zeros_like(u)), new_updates)
+        return commit(finite, new_updates, _tree.tree_where(active, stepped, state._replace(count=count)), state)
+
+    return optax.GradientTransformation(init_fn, update_fn)
+
+
+# ----------------------------------------------------------------------------- Lion
+
+
+class DAdaptLionState(NamedTuple):
+    """State of :func:`dadapt_lion`. Scalars are float32 (float64 under x64)."""
+
+    count: jax.Array  # shape=(), int32: steps taken.
+    num_nonfinite: jax.Array  # shape=(), int32: steps skipped for a non-finite gradient.
+    d: jax.Array  # shape=(): the distance estimate.
+    numerator_weighted: jax.Array  # shape=(): sqrt(beta2)-EMA of dlr * <u, s>.
+    exp_avg: Any  # m (scaled by dlr): tree like params.
+    grad_sum: Any  # s: tree like params.
+
+
+def dadapt_lion(
+    learning_rate: ScalarOrSchedule = 1.0,
+    betas: tuple[float, float] = (0.9, 0.99),
+    weight_decay: float = 0.0,
+    d0: float = 1e-6,
+    *,
+    axis_name: _tree.AxisName = None,
+) -> optax.GradientTransformation:
+    r"""D-Adapted Lion (``dadaptation.DAdaptLion``, marked experimental there).
+
+    With ``dlr = d * lr`` and ``b = sqrt(beta2)``:
+
+    .. math::
+        u &= \mathrm{sign}(\beta_1 m + (1-\beta_1) g),\quad
+        x \leftarrow x(1 - \mathrm{dlr}\,\lambda) - \mathrm{dlr}\, u,\quad
+        m \leftarrow \beta_2 m + (1-\beta_2)\,\mathrm{dlr}\, g \\
+        n &\leftarrow b\,n + (1-b)\,\mathrm{dlr}\langle u, s\rangle,\quad
+        s \leftarrow b\,s + (1-b)\,\mathrm{dlr}\, u,\quad
+        d \leftarrow \max(d, n/((1-b)\|s\|_1))
+
+    As in the reference, ``m`` accumulates ``dlr * g`` while ``u`` mixes it with the raw
+    ``g`` (users report it learns poorly: dadaptation#35); there is no ``growth_rate``.
+
+    Args:
+      learning_rate: multiplier on ``d`` (float or schedule); use 1.0.
+      betas: ``(beta1, beta2)``, ``beta1`` in [0, 1), ``beta2`` in (0, 1).
+      weight_decay: decoupled decay ``x <- x (1 - dlr * weight_decay)``.
+      d0: initial ``d`` (> 0).
+      axis_name: mapped axis over which params/state are sharded (``shard_map``/``pmap``).
+
+    Returns:
+      An ``optax.GradientTransformation`` with :class:`DAdaptLionState`; ``update`` needs ``params``.
+
+    Example:
+      >>> import jax.numpy as jnp, optim
+      >>> tx = optim.dadapt_lion()
+      >>> params = jnp.array([1.0, -2.0])
+      >>> updates, state = tx.update(2 * params, tx.init(params), params)
+
+    References:
+      Defazio, Mishchenko, `Learning-Rate-Free Learning by D-Adaptation
+      <https://arxiv.org/abs/2301.07733>`_, ICML 2023; Chen et al., `Symbolic Discovery of
+      Optimization Algorithms <https://arxiv.org/abs/2302.06675>`_, 2023.
+    """
+    _check_common(learning_rate, weight_decay, d0)
+    b1, b2 = check_betas(betas)
+    decay = not is_static_zero(weight_decay)
+
+    def init_fn(params):
+        acc = _tree.accumulation_dtype()
+        zeros = jax.tree.map(jnp.zeros_like, params)
+        return DAdaptLionState(
+            jnp.zeros((), jnp.int32), jnp.zeros((), jnp.int32), jnp.asarray(d0, acc), jnp.zeros((), acc),
+            zeros, zeros,
+        )
+
+    def update_fn(updates, state, params=None):
+        check_update_args("dadapt_lion", updates, params, state.exp_avg, "the params given to `init`")
+        acc = _tree.accumulation_dtype()
+        lr = learning_rate_at(learning_rate, state.count)
+        sb2 = jnp.sqrt(jnp.asarray(b2, acc))
+        d = state.d
+        dlr = d * lr
+        direction = jax.tree.map(lambda m, g: jnp.sign(b1 * m + (1 - b1) * g), state.exp_avg, updates)
+        # `0 * g` is 0 for a finite g and NaN otherwise: sign() would hide an Inf gradient
+        num = _tree.tree_reduce_sum(lambda u, s, g: u * s + 0 * g, direction, state.grad_sum, updates)
+        exp_avg = jax.tree.map(lambda m, g: (b2 * m + ((1 - b2) * dlr) * g).astype(m.dtype), state.exp_avg, updates)
+        grad_sum = jax.tree.map(
+            lambda s, u: (sb2 * s + ((1 - sb2) * dlr) * u).astype(s.dtype), state.grad_sum, direction
+        )
+        num, sk_l1 = _tree.psum(_scalars(dlr * num, _tree.tree_l1(grad_sum)), axis_name)
+        numerator_weighted = sb2 * state.numerator_weighted + (1 - sb2) * num
+        finite = jnp.isfinite(numerator_weighted) & jnp.isfinite(sk_l1)
+        # the reference updates x, m and s before it returns on ||s||_1 == 0; only n and d wait
+        has_signal = sk_l1 > 0
+        numerator_weighted = jnp.where(has_signal, numerator_weighted, state.numerator_weighted)
+        d_new = jnp.where(
+            has_signal & (lr > 0), jnp.maximum(d, _safe_div(numerator_weighted, (1 - sb2) * sk_l1)), d
+        )
+
+        def leaf_update(u, p):
+            out = -dlr * u
+            if decay:
+                out = out - (dlr * weight_decay) * p
+            return out.astype(p.dtype)
+
+        new_updates = jax.tree.map(leaf_update, direction, params)
+        stepped = DAdaptLionState(
+            optax.safe_increment(state.count), state.num_nonfinite, d_new, numerator_weighted, exp_avg, grad_sum
+        )
+        return commit(finite, new_updates, stepped, state)
+
+    return optax.GradientTransformation(init_fn, update_fn)

@@ -1,0 +1,157 @@
+"""Mechanic (Cutkosky, Defazio & Mehta, 2023): learn the scale of any base optimizer's updates.
+
+Follows Algorithm 1 of the paper with the constants of the authors' PyTorch package
+``mechanic-pytorch`` (``s_init=1e-8``, ``eps=1e-8``, ``lambda=0.01``, six betas, the
+max-product ``m`` starting at 1e-6) in its memory-saving form: ``Delta`` is recomputed
+from ``(x - x_ref) / (sum(s) + eps)`` instead of stored.
+
+Differences from ``optax.contrib.mechanize`` (0.2.8): that one clamps ``h`` to
+``[-m, m]`` ("not part of the original paper"), starts ``m`` at 0 and adds ``eps`` to
+``|h|``, starts ``s`` at ``s_init=1e-6`` instead of 0, keeps its scalars in the lowest
+parameter dtype and has no ``axis_name``. The PyTorch package evaluates the weight-decay
+term at the parameters *after* the base step; here, as in the paper, at ``x_t``.
+
+Non-finite gradients: a NaN/Inf gradient entry makes ``h`` non-finite; the step is then
+skipped (zero updates, base and Mechanic state unchanged, ``num_nonfinite`` incremented).
+"""
+
+from __future__ import annotations
+
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from optim import _tree
+from optim._lrfree import check_update_args, commit
+from optim._validate import _concrete, check_nonnegative, check_positive
+
+_M_INIT = 1e-6  # mechanic-pytorch's initial max_product: makes s > 0 after the first step
+
+#: Named settings for :func:`mechanize`. ``"paper"``: the ``mechanic-pytorch`` defaults
+#: (Cutkosky et al. 2023): ``s_init=1e-8``. ``"optax"``: ``optax.contrib.mechanize``'s
+#: ``s_init=1e-6`` (its clamping of ``h`` is not reproduced).
+MECHANIC_PRESETS: dict[str, dict[str, Any]] = {
+    "paper": {},
+    "optax": {"s_init": 1e-6},
+}
+
+DEFAULT_BETAS = (0.9, 0.99, 0.999, 0.9999, 0.99999, 0.999999)
+
+
+class MechanicState(NamedTuple):
+    """State of :func:`mechanize`. The tuner's vectors are float32 (float64 under x64)."""
+
+    count: jax.Array  # shape=(), int32: steps taken.
+    num_nonfinite: jax.Array  # shape=(), int32: steps skipped for a non-finite gradient.
+    base_state: Any  # the base transform's state.
+    x_ref: Any  # the reference point: the params given to init.
+    s: jax.Array  # shape=(n,): scale per beta; the step scale is sum(s).
+    m: jax.Array  # shape=(n,): running max of |h|.
+    v: jax.Array  # shape=(n,): beta^2-discounted sum of h^2.
+    r: jax.Array  # shape=(n,): reward (wealth minus the initial bet).
+
+
+def mechanize(
+    base: optax.GradientTransformation,
+    weight_decay: float = 0.01,
+    betas: tuple[float, ...] = DEFAULT_BETAS,
+    s_init: float = 1e-8,
+    eps: float = 1e-8,
+    *,
+    axis_name: _tree.AxisName = None,
+) -> optax.GradientTransformationExtraArgs:
+    r"""Mechanic: scale ``base``'s cumulative update by a learned ``sum(s)`` (a coin-betting tuner).
+
+    With ``u_t`` the base update, ``S = sum(s)``, ``Delta_t = (x_t - x_ref) / (S + eps)``:
+
+    .. math::
+        h &= \bigl\langle \Delta_t,\ g_t + \lambda\, S\, \|g_t\| \, x_t / (\|x_t\| + \epsilon)\bigr\rangle,\quad
+        m \leftarrow \max(\beta m, |h|),\quad v \leftarrow \beta^2 v + h^2 \\
+        r &\leftarrow \max(0, \beta r - s\, h),\quad
+        s \leftarrow \frac{s_\mathrm{init}\, m / n + r}{\sqrt v + \epsilon},\quad
+        x_{t+1} = x_\mathrm{ref} + \textstyle\sum s\,(\Delta_t + u_t)
+
+    per beta (vectors of length ``n``). Returns ``x_{t+1} - x_t``, so chain it **last**
+    (anything after it would corrupt the target); give the base its schedule with peak 1.
+
+    Args:
+      base: any optax transform producing signed updates (e.g. ``optax.adam(1.0)``).
+      weight_decay: ``lambda``, Mechanic's own decay on the tuner (not the base's).
+      betas: the discounts, each in (0, 1]; one tuner per beta.
+      s_init: initial bet (scale of the first steps).
+      eps: guards the divisions.
+      axis_name: mapped axis over which params/state are sharded (``shard_map``/``pmap``);
+        the four global sums behind ``h`` are then ``psum``-ed.
+
+    Returns:
+      An ``optax.GradientTransformationExtraArgs`` with :class:`MechanicState`; ``update``
+      needs ``params`` and forwards extra arguments to ``base``.
+
+    Example:
+      >>> import jax.numpy as jnp, optax, optim
+      >>> tx = optim.mechanize(optax.adam(1.0))
+      >>> params = jnp.array([1.0, -2.0])
+      >>> updates, state = tx.update(2 * params, tx.init(params), params)
+      >>> params = optax.apply_updates(params, updates)
+
+    References:
+      Cutkosky, Defazio, Mehta, `Mechanic: A Learning Rate Tuner
+      <https://arxiv.org/abs/2306.00144>`_, NeurIPS 2023.
+    """
+    if not hasattr(base, "init") or not hasattr(base, "update"):
+        raise ValueError(f"`base` must be an optax.GradientTransformation, got {type(base).__name__}.")
+    check_nonnegative("weight_decay", weight_decay, "The paper uses 0.01.")
+    check_positive("s_init", s_init, "The paper uses 1e-8.")
+    check_positive("eps", eps, "The paper uses 1e-8.")
+    if not isinstance(betas, (tuple, list)) or not betas:
+        raise ValueError(f"`betas` must be a non-empty tuple of floats in (0, 1], got {betas!r}.")
+    for i, b in enumerate(betas):
+        v = _concrete(b)
+        if v is not None and not 0.0 < v <= 1.0:
+            raise ValueError(f"`betas[{i}]` must be in (0, 1], got {b!r}. The paper uses 1 - 10^-k, k = 1..6.")
+    base = optax.with_extra_args_support(base)
+    n = len(betas)
+
+    def init_fn(params):
+        acc = _tree.accumulation_dtype()
+        zeros = jnp.zeros((n,), acc)
+        return MechanicState(
+            jnp.zeros((), jnp.int32), jnp.zeros((), jnp.int32), base.init(params), params,
+            zeros, jnp.full((n,), _M_INIT, acc), zeros, zeros,
+        )
+
+    def update_fn(updates, state, params=None, **extra_args):
+        check_update_args("mechanize", updates, params, state.x_ref, "the params given to `init`")
+        acc = _tree.accumulation_dtype()
+        base_updates, base_state = base.update(updates, state.base_state, params, **extra_args)
+        beta = jnp.asarray(betas, acc)
+        s_sum = jnp.sum(state.s)
+        # <x - x_ref, g>, <x - x_ref, x>, ||g||^2, ||x||^2 in one fused pass and one psum
+        sums = _tree.psum(
+            jnp.stack([
+                _tree.tree_reduce_sum(lambda x, x0, g: (x - x0) * g, params, state.x_ref, updates),
+                _tree.tree_reduce_sum(lambda x, x0: (x - x0) * x, params, state.x_ref),
+                _tree.tree_norm_sq(updates),
+                _tree.tree_norm_sq(params),
+            ]),
+            axis_name,
+        )
+        scale = s_sum + eps
+        decay = weight_decay * s_sum * jnp.sqrt(sums[2]) / (jnp.sqrt(sums[3]) + eps)
+        h = (sums[0] + decay * sums[1]) / scale
+        m = jnp.maximum(beta * state.m, jnp.abs(h))
+        v = beta * beta * state.v + h * h
+        r = jnp.maximum(0.0, beta * state.r - state.s * h)
+        s = (s_init / n * m + r) / (jnp.sqrt(v) + eps)
+        new_sum = jnp.sum(s)
+        new_updates = jax.tree.map(
+            lambda x, x0, u: ((x0 - x) + new_sum * ((x - x0) / scale + u)).astype(x.dtype),
+            params, state.x_ref, base_updates,
+        )
+        stepped = MechanicState(optax.safe_increment(state.count), state.num_nonfinite, base_state, state.x_ref,
+                                s, m, v, r)
+        return commit(jnp.isfinite(h), new_updates, stepped, state)
+
+    return optax.GradientTransformationExtraArgs(init_fn, update_fn)
