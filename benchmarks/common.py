@@ -1,0 +1,56 @@
+"""Shared helpers for benchmarks: timing with medians, and result files (JSON + markdown)."""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import time
+
+import jax
+
+RESULTS = os.path.join(os.path.dirname(__file__), "results")
+
+
+def median_time(fn, repeats: int = 5, warmup: int = 1) -> float:
+    """Median wall time of ``fn()`` (which must block until done) over ``repeats`` runs."""
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    times.sort()
+    return times[len(times) // 2]
+
+
+def machine() -> dict:
+    return {
+        "platform": platform.platform(),
+        "python": platform.python_version(),
+        "jax": jax.__version__,
+        "backend": jax.default_backend(),
+        "devices": [str(d) for d in jax.devices()],
+        "cpu_count": os.cpu_count(),
+    }
+
+
+def write_results(name: str, record: dict, table_rows: list[dict], title: str, notes: str = "") -> str:
+    """Write benchmarks/results/<name>.json and <name>.md; return the markdown."""
+    os.makedirs(RESULTS, exist_ok=True)
+    record = dict(record, machine=machine())
+    with open(os.path.join(RESULTS, f"{name}.json"), "w") as f:
+        json.dump(record, f, indent=2, default=float)
+    cols = list(table_rows[0]) if table_rows else []
+    fmt = lambda v: f"{v:.4g}" if isinstance(v, float) else str(v)
+    lines = [f"# {title}", "", f"Machine: {record['machine']['platform']}, backend {record['machine']['backend']}, "
+             f"{record['machine']['cpu_count']} CPUs, jax {record['machine']['jax']}.", ""]
+    if notes:
+        lines += [notes, ""]
+    lines += ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
+    lines += ["| " + " | ".join(fmt(r[c]) for c in cols) + " |" for r in table_rows]
+    md = "\n".join(lines) + "\n"
+    with open(os.path.join(RESULTS, f"{name}.md"), "w") as f:
+        f.write(md)
+    return md
