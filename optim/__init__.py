@@ -21,6 +21,7 @@ from optim.dadapt import (  # noqa: F401
 )
 from optim.prodigy import PRODIGY_PRESETS, ProdigyState, prodigy  # noqa: F401
 from optim.mechanic import MECHANIC_PRESETS, MechanicState, mechanize  # noqa: F401
+from optim.cocob import COCOBState, cocob  # noqa: F401
 from optim.dog import (  # noqa: F401
     DOG_PRESETS,
     DOWG_PRESETS,
