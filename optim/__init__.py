@@ -33,6 +33,15 @@ from optim.dog import (  # noqa: F401
     ldog,
     polynomial_decay_averaging,
 )
+from optim.schedule_free import (  # noqa: F401
+    SCHEDULE_FREE_ADAMW_PRESETS,
+    ScheduleFreeState,
+    schedule_free,
+    schedule_free_adamw,
+    schedule_free_eval_params,
+    schedule_free_radam,
+    schedule_free_sgd,
+)
 
 # --- consensus-based optimization ---
 from optim.cbo import (  # noqa: F401

@@ -45,6 +45,9 @@ def check_open_unit(name: str, value, hint: str = "") -> None:
 
 
 def check_nonnegative_int(name: str, value, hint: str = "") -> None:
-    """``value`` is a Python int >= 0."""
-    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+    """``value`` is an integer >= 0 (a Python int, or a concrete integer-valued array)."""
+    if isinstance(value, bool) or isinstance(value, float):
+        _fail(name, value, "an int >= 0", hint)
+    v = _concrete(value)
+    if v is not None and not (math.isfinite(v) and v >= 0 and v == int(v)):
         _fail(name, value, "an int >= 0", hint)

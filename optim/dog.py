@@ -27,11 +27,10 @@ import jax.numpy as jnp
 import optax
 
 from optim import _tree
+from optim._lrfree import check_update_args, commit, is_static_zero, learning_rate_at
 from optim._validate import check_nonnegative, check_positive
 
 ScalarOrSchedule = float | jax.Array | Callable[[jax.Array], jax.Array]
-
-_NO_PARAMS = "needs `params` in `update(updates, state, params)`: it measures the distance ||x_t - x_0||."
 
 #: Named settings for :func:`dog` / :func:`ldog`, each number with its source.
 #: ``"paper"``: ``reps_rel=1e-6`` is the default of Ivgi et al. (2023) and of the
@@ -108,15 +107,12 @@ def _build(
         )
 
     def update_fn(updates, state, params=None):
-        if params is None:
-            raise ValueError(f"optim.{kind} {_NO_PARAMS}")
-        _tree.check_same_structure("updates", updates, "params", params)
-        _tree.check_same_structure("params", params, "init_params (the params given to init)", state.init_params)
+        check_update_args(kind, updates, params, state.init_params, "init_params (the params given to init)")
         grads = updates
-        if not isinstance(weight_decay, (int, float)) or weight_decay != 0:
+        if not is_static_zero(weight_decay):
             # coupled (L2) decay, as in dog-optimizer: it enters G as well
             grads = jax.tree.map(lambda g, p: g + weight_decay * p, grads, params)
-        lr = learning_rate(state.count) if callable(learning_rate) else learning_rate
+        lr = learning_rate_at(learning_rate, state.count)
         dist = jax.tree.map(jnp.sqrt, reduce_sq(jax.tree.map(jnp.subtract, params, state.init_params)))
         grad_sq = reduce_sq(grads)
         rbar = jax.tree.map(jnp.maximum, state.rbar, dist)
@@ -139,10 +135,7 @@ def _build(
         stepped = DoGState(
             optax.safe_increment(state.count), state.num_nonfinite, state.init_params, rbar, grad_sum
         )
-        skipped = state._replace(num_nonfinite=optax.safe_increment(state.num_nonfinite))
-        new_state = _tree.tree_where(finite, stepped, skipped)
-        new_updates = jax.tree.map(lambda u: jnp.where(finite, u, jnp.zeros_like(u)), new_updates)
-        return new_updates, new_state
+        return commit(finite, new_updates, stepped, state)
 
     return optax.GradientTransformation(init_fn, update_fn)
 

@@ -1,0 +1,459 @@
+"""Schedule-free SGD, AdamW, RAdam and a schedule-free wrapper for any optax transform.
+
+Schedule-free methods (Defazio et al., 2024) replace the learning-rate schedule by an
+average. Three sequences: ``z`` takes the base steps, ``x`` is a weighted average of the
+``z``'s, and the gradient is taken at their interpolation ``y``:
+
+.. math::
+    y_t = (1 - \\beta) z_t + \\beta x_t,\\qquad z_{t+1} = z_t - \\gamma_t \\hat g(y_t),\\qquad
+    x_{t+1} = (1 - c_{t+1}) x_t + c_{t+1} z_{t+1},\\qquad
+    c_{t+1} = \\frac{w_t}{\\sum_{i \\le t} w_i},\\quad w_t = (t+1)^r \\, (\\max_{i \\le t} \\gamma_i)^{p}
+
+with ``p = weight_lr_power`` and a linear warmup ``gamma_t = lr (t+1) / warmup_steps`` for
+``t < warmup_steps``; ``t`` counts from 0 and one counter drives both the step size and
+the weight, exactly as the reference package ``schedulefree`` (1.4.1).
+
+**Which iterate is which.** The parameters the caller holds (and differentiates at) are
+the training iterate ``y``; the state holds ``z``. Evaluate, checkpoint for inference and
+recompute batch-norm statistics at ``x = schedule_free_eval_params(state, params)``. This
+matches PyTorch's ``optimizer.train()`` (params are ``y``) and ``optimizer.eval()``
+(params are ``x``).
+
+**Differences from optax.contrib.schedule_free_*** (0.2.8): there the warmup schedule of
+the ``z`` step is evaluated one step behind the averaging weight (its first ``z`` step has
+learning rate 0), and there is no ``r`` weighting or RAdam variant.
+
+**Non-finite gradients.** A step whose gradient has a NaN/Inf entry is skipped: zero
+updates, state unchanged but for ``num_nonfinite``. The finiteness test is the only global
+reduction here; ``axis_name`` makes it agree across shards.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from optim import _tree
+from optim._lrfree import check_update_args, commit, is_static_zero, learning_rate_at
+from optim._validate import check_nonnegative, check_nonnegative_int, check_open_unit, check_positive
+
+ScalarOrSchedule = float | jax.Array | Callable[[jax.Array], jax.Array]
+
+#: Named settings for :func:`schedule_free_adamw`.
+#: ``"reference"``: the defaults of ``schedulefree.AdamWScheduleFree`` (1.4.1).
+#: ``"algoperf"``: the AlgoPerf 2024 self-tuning winner (Defazio et al.;
+#: ``schedulefree/algoperf/self_tuning/schedule_free_adamw/submission.py``): ``beta1 = 1 - 0.1``,
+#: ``beta2 = 0.9955159689799007``, ``weight_decay = 0.08121616522670176``, ``r = 0.75``;
+#: it also warms up over 2% of the run: add ``warmup_steps=int(0.02 * total_steps)``.
+SCHEDULE_FREE_ADAMW_PRESETS: dict[str, dict[str, float]] = {
+    "reference": {
+        "learning_rate": 0.0025, "b1": 0.9, "b2": 0.999, "eps": 1e-8, "weight_decay": 0.0,
+        "r": 0.0, "weight_lr_power": 2.0,
+    },
+    "algoperf": {
+        "learning_rate": 0.0025, "b1": 0.9, "b2": 0.9955159689799007, "eps": 1e-8,
+        "weight_decay": 0.08121616522670176, "r": 0.75, "weight_lr_power": 2.0,
+    },
+}
+
+
+class ScheduleFreeState(NamedTuple):
+    """State of every schedule-free transform here."""
+
+    count: jax.Array  # shape=(), int32: steps applied (k in the reference).
+    num_nonfinite: jax.Array  # shape=(), int32: steps skipped for a non-finite gradient.
+    b1: jax.Array  # shape=(), accumulation dtype: the interpolation beta, kept for eval params.
+    weight_sum: jax.Array  # shape=(), accumulation dtype: sum of the averaging weights w_t.
+    lr_max: jax.Array  # shape=(), accumulation dtype: largest step size so far.
+    z: Any  # the z sequence: same tree and shapes as params (dtype state_dtype or the params').
+    inner: Any  # AdamW/RAdam: second moments (like z); SGD: None; wrapper: the base transform's state.
+
+
+def _check_common(learning_rate, b1, weight_decay, r, weight_lr_power):
+    check_positive("learning_rate", learning_rate)
+    check_open_unit("b1", b1, "Schedule-free needs 0 < b1 < 1 (x is recovered from y and z by dividing by b1).")
+    check_nonnegative("weight_decay", weight_decay)
+    check_nonnegative("r", r, "r = 0 is the uniform average; AlgoPerf used 0.75.")
+    check_nonnegative("weight_lr_power", weight_lr_power, "The reference default is 2.")
+
+
+def _zeros_like_tree(tree, dtype):
+    return jax.tree.map(lambda p: jnp.zeros(p.shape, dtype or p.dtype), tree)
+
+
+def _averaging_weight(state, lr, r, weight_lr_power):
+    """``c_{k+1}`` and the new ``(lr_max, weight_sum)``; ``c = 0`` while every weight is 0."""
+    acc = _tree.accumulation_dtype()
+    lr_max = jnp.maximum(state.lr_max, lr)
+    k1 = (state.count + 1).astype(acc)
+    weight = jnp.power(k1, jnp.asarray(r, acc)) * jnp.power(lr_max, jnp.asarray(weight_lr_power, acc))
+    weight_sum = state.weight_sum + weight
+    ckp1 = jnp.where(weight_sum > 0, weight / jnp.where(weight_sum > 0, weight_sum, 1), 0)
+    return ckp1, lr_max, weight_sum
+
+
+def _check_update_args(name, updates, params, state):
+    check_update_args(name, updates, params, state.z, "state.z (the params given to init)")
+
+
+def _schedule_free_core(name, direction, init_inner, learning_rate, b1, r, weight_lr_power, warmup_steps,
+                        state_dtype, axis_name):
+    """Shared y/z/x recursion of the fused SGD/AdamW/RAdam variants.
+
+    ``direction(grads, params, inner, count) -> (ghat, lr_factor, inner)`` returns the
+    normalised gradient (weight decay at y included) and a step-size factor (RAdam's
+    rectification, 1 otherwise).
+    """
+    acc = _tree.accumulation_dtype()
+
+    def init_fn(params):
+        return ScheduleFreeState(
+            count=jnp.zeros((), jnp.int32),
+            num_nonfinite=jnp.zeros((), jnp.int32),
+            b1=jnp.asarray(b1, acc),
+            weight_sum=jnp.zeros((), acc),
+            lr_max=jnp.zeros((), acc),
+            z=jax.tree.map(lambda p: p.astype(state_dtype or p.dtype), params),
+            inner=init_inner(params),
+        )
+
+    def update_fn(updates, state, params=None):
+        _check_update_args(name, updates, params, state)
+        k = state.count
+        lr = learning_rate_at(learning_rate, k)
+        if not is_static_zero(warmup_steps):
+            lr = lr * jnp.minimum((k + 1).astype(acc) / warmup_steps, 1)
+        ghat, factor, inner = direction(updates, params, state.inner, k)
+        lr = lr * factor
+        ckp1, lr_max, weight_sum = _averaging_weight(state, lr, r, weight_lr_power)
+        y_coef = lr * (b1 * (1 - ckp1) - 1)
+
+        def y_step(y, z, g):  # y <- lerp(y, z, c) + lr (b1 (1 - c) - 1) ghat, as a difference
+            return (ckp1 * (z - y) + y_coef * g).astype(y.dtype)
+
+        new_updates = jax.tree.map(y_step, params, state.z, ghat)
+        z = jax.tree.map(lambda z, g: (z - lr * g).astype(z.dtype), state.z, ghat)
+        stepped = ScheduleFreeState(
+            optax.safe_increment(k), state.num_nonfinite, state.b1, weight_sum, lr_max, z, inner
+        )
+        ok = jnp.isfinite(_tree.tree_norm_sq(updates, axis_name))
+        return commit(ok, new_updates, stepped, state)
+
+    return optax.GradientTransformation(init_fn, update_fn)
+
+
+def _decay_at_y(weight_decay):
+    """``ghat + weight_decay * y``, with the term left out of the program for a static 0."""
+    if is_static_zero(weight_decay):
+        return lambda ghat, params: ghat
+    return lambda ghat, params: jax.tree.map(lambda g, y: g + weight_decay * y, ghat, params)
+
+
+def schedule_free_sgd(
+    learning_rate: ScalarOrSchedule = 1.0,
+    b1: float = 0.9,
+    weight_decay: float = 0.0,
+    warmup_steps: int = 0,
+    r: float = 0.0,
+    weight_lr_power: float = 2.0,
+    *,
+    state_dtype=None,
+    axis_name: _tree.AxisName = None,
+) -> optax.GradientTransformation:
+    r"""Schedule-free SGD (``schedulefree.SGDScheduleFree``).
+
+    .. math::
+        \hat g = g(y_t) + \lambda y_t,\qquad
+        y_{t+1} = y_t + c_{t+1}(z_t - y_t) + \gamma_t(\beta(1 - c_{t+1}) - 1)\hat g,\qquad
+        z_{t+1} = z_t - \gamma_t \hat g
+
+    Args:
+      learning_rate: ``lr`` (float or schedule of the step count; warmup multiplies it).
+        The reference advises 10-50x the usual SGD learning rate.
+      b1: interpolation ``beta`` in (0, 1) (``momentum`` in the reference).
+      weight_decay: L2 decay evaluated at ``y``, added to the gradient.
+      warmup_steps: linear warmup length; ``gamma_t = lr (t+1) / warmup_steps`` before it.
+      r: polynomial weighting power of the average.
+      weight_lr_power: power of ``max lr`` in the averaging weight.
+      state_dtype: dtype of ``z`` (default: the parameters').
+      axis_name: mapped axis for the (only) global reduction, the non-finite check.
+
+    Returns:
+      An ``optax.GradientTransformation`` with :class:`ScheduleFreeState`. The params passed
+      to ``update`` are ``y``; evaluate at :func:`schedule_free_eval_params`.
+
+    Example:
+      >>> import jax.numpy as jnp, optax, optim
+      >>> tx = optim.schedule_free_sgd(learning_rate=0.5, warmup_steps=10)
+      >>> y = jnp.array([1.0, -2.0])
+      >>> state = tx.init(y)
+      >>> updates, state = tx.update(2 * y, state, y)
+      >>> y = optax.apply_updates(y, updates)
+      >>> x = optim.schedule_free_eval_params(state, y)
+
+    References:
+      Defazio, Yang, Mehta, Mishchenko, Khaled, Cutkosky, `The Road Less Scheduled
+      <https://arxiv.org/abs/2405.15682>`_, NeurIPS 2024.
+    """
+    _check_common(learning_rate, b1, weight_decay, r, weight_lr_power)
+    check_nonnegative_int("warmup_steps", warmup_steps)
+    decay = _decay_at_y(weight_decay)
+
+    def direction(grads, params, inner, k):
+        return decay(grads, params), 1.0, inner
+
+    return _schedule_free_core(
+        "schedule_free_sgd", direction, lambda p: None, learning_rate, b1, r, weight_lr_power, warmup_steps,
+        state_dtype, axis_name,
+    )
+
+
+def _check_adam(b2, eps):
+    check_open_unit("b2", b2, "The reference default is 0.999.")
+    check_nonnegative("eps", eps)
+
+
+def schedule_free_adamw(
+    learning_rate: ScalarOrSchedule = 0.0025,
+    b1: float = 0.9,
+    b2: float = 0.999,
+    eps: float = 1e-8,
+    weight_decay: float = 0.0,
+    warmup_steps: int = 0,
+    r: float = 0.0,
+    weight_lr_power: float = 2.0,
+    *,
+    state_dtype=None,
+    axis_name: _tree.AxisName = None,
+) -> optax.GradientTransformation:
+    r"""Schedule-free AdamW (``schedulefree.AdamWScheduleFree``).
+
+    .. math::
+        v_t = \beta_2 v_{t-1} + (1 - \beta_2) g^2,\qquad
+        \hat g = \frac{g}{\sqrt{v_t / (1 - \beta_2^{t+1})} + \epsilon} + \lambda y_t
+
+    then the schedule-free ``y``/``z`` steps of :func:`schedule_free_sgd` with ``hat g``. No
+    first moment: ``b1`` is the interpolation. See :data:`SCHEDULE_FREE_ADAMW_PRESETS` for
+    the reference defaults and the AlgoPerf calibration.
+
+    Args:
+      learning_rate: ``lr`` (float or schedule); the reference advises 1-10x AdamW's.
+      b1: interpolation ``beta`` in (0, 1).
+      b2: second-moment decay in (0, 1).
+      eps: added outside the square root.
+      weight_decay: decay evaluated at ``y``, added to the normalised gradient.
+      warmup_steps, r, weight_lr_power, state_dtype, axis_name: as in :func:`schedule_free_sgd`.
+
+    Returns:
+      An ``optax.GradientTransformation`` with :class:`ScheduleFreeState` (``inner`` = ``v``).
+
+    Example:
+      >>> import jax.numpy as jnp, optim
+      >>> tx = optim.schedule_free_adamw(**optim.SCHEDULE_FREE_ADAMW_PRESETS["algoperf"], warmup_steps=20)
+      >>> y = jnp.array([1.0, -2.0])
+      >>> updates, state = tx.update(2 * y, tx.init(y), y)
+
+    References:
+      Defazio et al., `The Road Less Scheduled <https://arxiv.org/abs/2405.15682>`_, NeurIPS 2024.
+    """
+    _check_common(learning_rate, b1, weight_decay, r, weight_lr_power)
+    _check_adam(b2, eps)
+    check_nonnegative_int("warmup_steps", warmup_steps)
+    decay = _decay_at_y(weight_decay)
+    acc = _tree.accumulation_dtype()
+
+    def direction(grads, params, nu, k):
+        nu = jax.tree.map(lambda v, g: (b2 * v + (1 - b2) * g * g).astype(v.dtype), nu, grads)
+        bc2 = 1 - jnp.power(jnp.asarray(b2, acc), (k + 1).astype(acc))
+        ghat = jax.tree.map(lambda g, v: g / (jnp.sqrt(v / bc2) + eps), grads, nu)
+        return decay(ghat, params), 1.0, nu
+
+    return _schedule_free_core(
+        "schedule_free_adamw", direction, lambda p: _zeros_like_tree(p, state_dtype), learning_rate, b1, r,
+        weight_lr_power, warmup_steps, state_dtype, axis_name,
+    )
+
+
+def schedule_free_radam(
+    learning_rate: ScalarOrSchedule = 0.0025,
+    b1: float = 0.9,
+    b2: float = 0.999,
+    eps: float = 1e-8,
+    weight_decay: float = 0.0,
+    r: float = 0.0,
+    weight_lr_power: float = 2.0,
+    silent_sgd_phase: bool = True,
+    *,
+    state_dtype=None,
+    axis_name: _tree.AxisName = None,
+) -> optax.GradientTransformation:
+    r"""Schedule-free RAdam (``schedulefree.RAdamScheduleFree``): no warmup to tune.
+
+    With ``rho_inf = 2/(1-b2) - 1`` and ``rho_t = rho_inf - 2 (t+1) b2^{t+1} / (1 - b2^{t+1})``,
+    the step size is ``lr * rect_t`` with RAdam's rectification
+    ``rect_t = sqrt((rho_t-4)(rho_t-2) rho_inf / ((rho_inf-4)(rho_inf-2) rho_t))`` and the
+    AdamW direction once ``rho_t > 4``. Before that (the first ~5 steps at ``b2=0.999``) the
+    step is 0 with ``silent_sgd_phase=True`` (only ``v`` accumulates) or a plain SGD step
+    with ``rect = 1`` otherwise.
+
+    Args:
+      silent_sgd_phase: skip the early SGD phase (the reference default and recommendation).
+      Others: as in :func:`schedule_free_adamw` (there is no ``warmup_steps``).
+
+    Returns:
+      An ``optax.GradientTransformation`` with :class:`ScheduleFreeState` (``inner`` = ``v``).
+
+    Example:
+      >>> import jax.numpy as jnp, optim
+      >>> tx = optim.schedule_free_radam()
+      >>> y = jnp.array([1.0, -2.0])
+      >>> updates, state = tx.update(2 * y, tx.init(y), y)  # silent phase: updates are 0
+
+    References:
+      Defazio et al., `The Road Less Scheduled <https://arxiv.org/abs/2405.15682>`_, 2024;
+      Liu et al., `On the Variance of the Adaptive Learning Rate and Beyond
+      <https://arxiv.org/abs/1908.03265>`_, ICLR 2020.
+    """
+    _check_common(learning_rate, b1, weight_decay, r, weight_lr_power)
+    _check_adam(b2, eps)
+    decay = _decay_at_y(weight_decay)
+    acc = _tree.accumulation_dtype()
+    rho_inf = 2 / (1 - b2) - 1
+
+    def direction(grads, params, nu, k):
+        nu = jax.tree.map(lambda v, g: (b2 * v + (1 - b2) * g * g).astype(v.dtype), nu, grads)
+        step = (k + 1).astype(acc)
+        b2t = jnp.power(jnp.asarray(b2, acc), step)
+        bc2 = 1 - b2t
+        rho_t = rho_inf - 2 * step * b2t / bc2
+        adam = rho_t > 4
+        safe_rho = jnp.where(adam, rho_t, 5.0)
+        rect = jnp.sqrt((safe_rho - 4) * (safe_rho - 2) * rho_inf / ((rho_inf - 4) * (rho_inf - 2) * safe_rho))
+        factor = jnp.where(adam, rect, 0.0 if silent_sgd_phase else 1.0)
+        ghat = jax.tree.map(lambda g, v: jnp.where(adam, g / (jnp.sqrt(v / bc2) + eps), g), grads, nu)
+        return decay(ghat, params), factor, nu
+
+    return _schedule_free_core(
+        "schedule_free_radam", direction, lambda p: _zeros_like_tree(p, state_dtype), learning_rate, b1, r,
+        weight_lr_power, 0, state_dtype, axis_name,
+    )
+
+
+def schedule_free(
+    base: optax.GradientTransformation,
+    learning_rate: ScalarOrSchedule = 1.0,
+    b1: float = 0.9,
+    weight_decay_at_y: float = 0.0,
+    r: float = 0.0,
+    weight_lr_power: float = 2.0,
+    *,
+    state_dtype=None,
+    axis_name: _tree.AxisName = None,
+) -> optax.GradientTransformation:
+    r"""Make any optax transform schedule-free (``schedulefree.ScheduleFreeWrapper``).
+
+    ``base`` takes its step on ``z`` with the gradient at ``y``:
+    ``z_{t+1} = z_t + base.update(g(y_t), base_state, z_t)``; then
+    ``x_{t+1} = x_t + c_{t+1}(z_{t+1} - x_t)`` and ``y_{t+1} = x_{t+1} + (1-b1)(z_{t+1} - x_{t+1})``.
+    With ``weight_decay_at_y = lambda``, first ``z -= lr lambda y`` and ``y -= lr lambda (1-b1) y``.
+
+    Args:
+      base: any ``optax.GradientTransformation`` returning signed updates (e.g. ``optax.adam(1e-3)``),
+        usually without momentum (the wrapper's interpolation replaces it). Its own weight
+        decay acts at ``z``.
+      learning_rate: the base's learning rate (float or schedule of this wrapper's step count),
+        used only for the averaging weight ``(max lr)^weight_lr_power`` and the decay at ``y``;
+        the reference reads it from the base's param group. A constant cancels out of ``c``.
+      b1: interpolation ``beta`` in (0, 1) (``momentum`` in the reference).
+      weight_decay_at_y: decay evaluated at ``y``.
+      r, weight_lr_power, state_dtype, axis_name: as in :func:`schedule_free_sgd`.
+
+    Returns:
+      An ``optax.GradientTransformation`` with :class:`ScheduleFreeState` (``inner`` = base state).
+
+    Example:
+      >>> import jax.numpy as jnp, optax, optim
+      >>> tx = optim.schedule_free(optax.adam(1e-2, b1=0.0), learning_rate=1e-2)
+      >>> y = jnp.array([1.0, -2.0])
+      >>> updates, state = tx.update(2 * y, tx.init(y), y)
+      >>> x = optim.schedule_free_eval_params(state, optax.apply_updates(y, updates))
+
+    References:
+      Defazio et al., `The Road Less Scheduled <https://arxiv.org/abs/2405.15682>`_, NeurIPS 2024.
+    """
+    _check_common(learning_rate, b1, weight_decay_at_y, r, weight_lr_power)
+    acc = _tree.accumulation_dtype()
+    decay = not is_static_zero(weight_decay_at_y)
+
+    def init_fn(params):
+        z = jax.tree.map(lambda p: p.astype(state_dtype or p.dtype), params)
+        return ScheduleFreeState(
+            count=jnp.zeros((), jnp.int32),
+            num_nonfinite=jnp.zeros((), jnp.int32),
+            b1=jnp.asarray(b1, acc),
+            weight_sum=jnp.zeros((), acc),
+            lr_max=jnp.zeros((), acc),
+            z=z,
+            inner=base.init(z),
+        )
+
+    def update_fn(updates, state, params=None, **extra_args):
+        _check_update_args("schedule_free", updates, params, state)
+        k = state.count
+        lr = learning_rate_at(learning_rate, k)
+        y, z = params, state.z
+        if decay:
+            z = jax.tree.map(lambda zi, yi: (zi - lr * weight_decay_at_y * yi).astype(zi.dtype), z, y)
+            y = jax.tree.map(lambda yi: yi - lr * weight_decay_at_y * (1 - b1) * yi, y)
+        x = jax.tree.map(lambda yi, zi: yi + (1 - 1 / b1) * (zi - yi), y, z)
+        base_updates, inner = optax.with_extra_args_support(base).update(updates, state.inner, z, **extra_args)
+        z = jax.tree.map(lambda zi, u: (zi + u).astype(zi.dtype), z, base_updates)
+        ckp1, lr_max, weight_sum = _averaging_weight(state, lr, r, weight_lr_power)
+
+        def y_next(y0, xi, zi):
+            xi = xi + ckp1 * (zi - xi)
+            return (xi + (1 - b1) * (zi - xi) - y0).astype(y0.dtype)
+
+        new_updates = jax.tree.map(y_next, params, x, z)
+        stepped = ScheduleFreeState(
+            optax.safe_increment(k), state.num_nonfinite, state.b1, weight_sum, lr_max, z, inner
+        )
+        ok = jnp.isfinite(_tree.tree_norm_sq(updates, axis_name))
+        return commit(ok, new_updates, stepped, state)
+
+    return optax.GradientTransformationExtraArgs(init_fn, update_fn)
+
+
+def _find_state(state: Any) -> ScheduleFreeState:
+    found = [
+        s for s in jax.tree.leaves(state, is_leaf=lambda x: isinstance(x, ScheduleFreeState))
+        if isinstance(s, ScheduleFreeState)
+    ]
+    if len(found) != 1:
+        raise ValueError(
+            f"`state` holds {len(found)} schedule-free states; expected exactly one. Pass the state of an "
+            "optim.schedule_free_* transform (or of a chain containing one)."
+        )
+    return found[0]
+
+
+def schedule_free_eval_params(state: Any, params: Any) -> Any:
+    r"""The evaluation iterate ``x = (y - (1 - b1) z) / b1`` from the training iterate ``y = params``.
+
+    Use it for evaluation, inference checkpoints and batch-norm statistics; keep training
+    on ``params``. Equals the parameters PyTorch ``schedulefree`` holds after
+    ``optimizer.eval()`` (it computes ``lerp(y, z, 1 - 1/b1)``, as here).
+
+    Args:
+      state: the state of a schedule-free transform, or any optax state containing exactly one.
+      params: the current training parameters ``y``.
+
+    Returns:
+      ``x``, with the tree and dtypes of ``params``.
+    """
+    sf = _find_state(state)
+    _tree.check_same_structure("params", params, "state.z", sf.z)
+    return jax.tree.map(lambda y, z: (y + (1 - 1 / sf.b1) * (z - y)).astype(y.dtype), params, sf.z)
