@@ -411,7 +411,7 @@ def _make(cfg: _Config, key) -> optax.GradientTransformationExtraArgs:
         if cfg.memory:
             better = jnp.isfinite(value) & ~(value >= memory_value)
             memory = jax.tree.map(lambda y, x: jnp.where(_bcast(better, x), x, y), memory, params)
-            memory_value = jnp.where(better, value, memory_value)
+            memory_value = jnp.where(better, value.astype(memory_value.dtype), memory_value)
             points, point_value = memory, memory_value
         else:
             points, point_value = params, value
