@@ -348,6 +348,22 @@ def _take(tree, idx):
     return jax.tree.map(lambda a: a[idx], tree)
 
 
+def _varying(tree, axis_name):
+    """Mark carry leaves as varying over ``axis_name`` (shard_map types scan carries by it); no-op otherwise."""
+    if axis_name is None:
+        return tree
+
+    def cast(a):
+        if axis_name in getattr(jax.typeof(a), "vma", frozenset()):
+            return a
+        try:
+            return jax.lax.pcast(a, axis_name, to="varying")
+        except Exception:  # a mapped axis without varying-type tracking (e.g. vmap): nothing to mark
+            return a
+
+    return jax.tree.map(cast, tree)
+
+
 def sample(
     target,
     x_T,
@@ -481,7 +497,7 @@ def sample(
         if weighted:
             logw, lse, bad = reweight(logw, inc)
             log_z, degenerate = log_z + lse, degenerate + bad
-        return (x, logw, state, log_z, degenerate), (ess, do)
+        return _varying((x, logw, state, log_z, degenerate), axis_name), (ess, do)
 
     state, log_w0 = target.init(x, ts[0], args)
     logw = jnp.full((n,), -math.log(total), dtype)
@@ -491,7 +507,8 @@ def sample(
         logw, lse, bad = reweight(logw, log_w0)
         log_z, degenerate = log_z + lse, degenerate + bad
     rows = (ts[:-1], ts[1:], jax.random.split(key_res, num_steps), jax.random.split(key_move, num_steps))
-    (x, logw, _, log_z, degenerate), (ess, resampled) = jax.lax.scan(body, (x, logw, state, log_z, degenerate), rows)
+    carry = _varying((x, logw, state, log_z, degenerate), axis_name)
+    (x, logw, _, log_z, degenerate), (ess, resampled) = jax.lax.scan(body, carry, rows)
     if checks:
         checkify.check(degenerate == 0, DEGENERATE_MSG, count=degenerate)
     return FKCResult(x, logw, ess, resampled, log_z, degenerate)
