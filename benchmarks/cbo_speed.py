@@ -155,11 +155,12 @@ def compare(cfg, x0, repeats, peers, with_cbx):
             record[label]["times_s"].append(t)
             print(f"repeat {r}: {label} {t:.2f} s, successes {record[label]['successes'][-1]}/{cfg['runs']}",
                   flush=True)
-    for label, rec in record.items():
+    for rec in record.values():
         rec["median_s"] = statistics.median(rec["times_s"])
         if rec["first_call_s"] is not None:
             rec["compile_s"] = rec["first_call_s"] - rec["median_s"]
-        if with_cbx:
+    if with_cbx:
+        for rec in record.values():
             rec["speedup_vs_cbx"] = record["cbx"]["median_s"] / rec["median_s"]
     return record
 
