@@ -26,14 +26,15 @@ jax.config.update("jax_enable_x64", True)
 S = jd.VPLinear()
 
 
-def _gauss_product(means, variances, betas):
+def gauss_product(means, variances, betas):
+    """Mean and variance of prod_i N(mean_i, var_i)^beta_i (elementwise; the precision must be positive)."""
     prec = sum(b / v for b, v in zip(betas, variances))
     return sum(b * m / v for b, m, v in zip(betas, means, variances)) / prec, 1.0 / prec
 
 
 def gaussian_case(name, target, gds, betas, ts, runs, n):
-    mean0, var0 = _gauss_product([S.alpha(ts[0]) * g.mean for g in gds], [g.variance(S, ts[0]) for g in gds], betas)
-    mean_t, var_t = _gauss_product([S.alpha(ts[-1]) * g.mean for g in gds], [g.variance(S, ts[-1]) for g in gds], betas)
+    mean0, var0 = gauss_product([S.alpha(ts[0]) * g.mean for g in gds], [g.variance(S, ts[0]) for g in gds], betas)
+    mean_t, var_t = gauss_product([S.alpha(ts[-1]) * g.mean for g in gds], [g.variance(S, ts[-1]) for g in gds], betas)
     args = gds[0] if len(gds) == 1 else tuple(gds)
     rows = []
     for weighted in (True, False):
@@ -58,28 +59,30 @@ def gaussian_case(name, target, gds, betas, ts, runs, n):
     return rows
 
 
+def mode_stats(w, x):
+    """Weighted mass of x < 0, and the variances within x < 0 and x >= 0 (1-D, weights w >= 0)."""
+    left = x < 0
+    out = [jnp.sum(w * left) / jnp.sum(w)]
+    for side in (left, ~left):
+        ws = w * side
+        mu = jnp.sum(ws * x) / jnp.sum(ws)
+        out.append(jnp.sum(ws * (x - mu) ** 2) / jnp.sum(ws))
+    return jnp.stack(out)
+
+
 def mixture_case(ts, runs, n, beta=2.0):
     mix = jd.testing.GaussianMixture(jnp.array([0.3, 0.7]), jnp.array([[-2.0], [2.0]]), jnp.array([0.4, 0.8]))
     grid = jnp.linspace(-8.0, 8.0, 40001)
     logp = beta * mix.log_prob(S, grid[:, None], ts[-1])
 
-    def stats(w, x):
-        left = x < 0
-        out = [jnp.sum(w * left) / jnp.sum(w)]
-        for side in (left, ~left):
-            ws = w * side
-            mu = jnp.sum(ws * x) / jnp.sum(ws)
-            out.append(jnp.sum(ws * (x - mu) ** 2) / jnp.sum(ws))
-        return jnp.stack(out)
-
-    exact = np.asarray(stats(jnp.exp(logp - logp.max()), grid))
+    exact = np.asarray(mode_stats(jnp.exp(logp - logp.max()), grid))
     rows = []
     for weighted in (True, False):
         def run(key):
             k1, k2 = jax.random.split(key)
             x = jax.random.normal(k1, (n, 1)) / np.sqrt(beta)  # q_1^beta ≈ N(0, 1/beta) for VP
             res = fkc.sample(fkc.Anneal(mix.denoiser(S), beta), x, ts, k2, args=mix, weighted=weighted)
-            return stats(jnp.exp(res.log_weights), res.x[:, 0])
+            return mode_stats(jnp.exp(res.log_weights), res.x[:, 0])
 
         start = time.perf_counter()
         got = np.asarray(jax.jit(jax.vmap(run))(jax.random.split(jax.random.key(1), runs)))

@@ -11,6 +11,7 @@ import pytest
 from jax.experimental import checkify
 
 import jaxdiff as jd
+from benchmarks.fkc_accuracy import gauss_product, mode_stats
 from jaxdiff.smc import fkc
 
 S = jd.VPLinear()
@@ -23,15 +24,10 @@ def _moments(res):
     return m[0], jnp.sum(w * (res.x - m) ** 2, 0)
 
 
-def _gauss_product(means, variances, betas):
-    prec = sum(b / v for b, v in zip(betas, variances))
-    return sum(b * m / v for b, m, v in zip(betas, means, variances)) / prec, 1.0 / prec
-
-
 def _replicates(target, gds, betas, num_runs, n, weighted, seed=0):
     """Replicate runs from the exact initial law prod_i q_{i,T}^beta_i; z-scores of mean and variance."""
-    mean0, var0 = _gauss_product([S.alpha(TS[0]) * g.mean for g in gds], [g.variance(S, TS[0]) for g in gds], betas)
-    mean_t, var_t = _gauss_product([S.alpha(TS[-1]) * g.mean for g in gds], [g.variance(S, TS[-1]) for g in gds], betas)
+    mean0, var0 = gauss_product([S.alpha(TS[0]) * g.mean for g in gds], [g.variance(S, TS[0]) for g in gds], betas)
+    mean_t, var_t = gauss_product([S.alpha(TS[-1]) * g.mean for g in gds], [g.variance(S, TS[-1]) for g in gds], betas)
     args = gds[0] if len(gds) == 1 else tuple(gds)
 
     def run(key):
@@ -127,22 +123,13 @@ def test_annealed_mixture_mass_and_width():
     grid = jnp.linspace(-8.0, 8.0, 20001)
     logp = beta * mix.log_prob(S, grid[:, None], TS[-1])
 
-    def stats(w, x):
-        left = x < 0
-        out = [jnp.sum(w * left) / jnp.sum(w)]
-        for side in (left, ~left):
-            ws = w * side
-            mu = jnp.sum(ws * x) / jnp.sum(ws)
-            out.append(jnp.sum(ws * (x - mu) ** 2) / jnp.sum(ws))
-        return jnp.stack(out)
-
-    exact = np.asarray(stats(jnp.exp(logp - logp.max()), grid))
+    exact = np.asarray(mode_stats(jnp.exp(logp - logp.max()), grid))
 
     def run(key, weighted):
         k1, k2 = jax.random.split(key)
         x = jax.random.normal(k1, (n, 1)) / np.sqrt(beta)  # q_1^beta ≈ N(0, 1/beta) for VP
         res = fkc.sample(fkc.Anneal(den, beta), x, TS, k2, args=mix, weighted=weighted)
-        return stats(jnp.exp(res.log_weights), res.x[:, 0])
+        return mode_stats(jnp.exp(res.log_weights), res.x[:, 0])
 
     keys = jax.random.split(jax.random.key(2), runs)
     got = np.asarray(jax.jit(jax.vmap(lambda k: run(k, True)))(keys))
