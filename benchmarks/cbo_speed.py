@@ -6,11 +6,12 @@ alpha_0 = 30 x1.05 per step up to 1e5, 5000 steps; success when the final consen
 0.25 (sup-norm) of the minimizer x* = 0 (and x* = 1).
 
 Timings are wall-clock medians over repeats after compilation; compile time is reported
-separately. Repeats interleave the peers so they see the same machine load. The JAX runs compare
-PRNG implementations (threefry2x32, rbg, unsafe_rbg) in float32, plus threefry in float64 (cbx
-computes in float64).
+separately. Repeats interleave the peers so they see the same machine load. The anchor compares
+threefry2x32 in float32 and float64 (cbx computes in float64) with cbx; a smaller problem (20 runs x
+1000 steps) compares the PRNG implementations threefry2x32, rbg and unsafe_rbg. ``--successes-only``
+records the anchor's success counts for x* = 0 and 1 with both time-stepping schemes.
 
-    python -m benchmarks.cbo_speed [--quick] [--repeats 3]
+    python -m benchmarks.cbo_speed [--quick] [--repeats 3] [--successes-only]
 """
 
 from __future__ import annotations
@@ -105,6 +106,8 @@ def main(argv=None):
     parser.add_argument("--quick", action="store_true", help="20 runs x 2000 steps, 2 repeats")
     parser.add_argument("--repeats", type=int, default=None)
     parser.add_argument("--no-cbx", action="store_true", help="skip the cbx peer")
+    parser.add_argument("--successes-only", action="store_true",
+                        help="only the anchor's success counts (x* = 0 and 1, both schemes), no timing")
     args = parser.parse_args(argv)
     cfg = dict(ANCHOR)
     if args.quick:
@@ -115,6 +118,8 @@ def main(argv=None):
 
     jax.config.update("jax_enable_x64", True)  # for the float64 peer; the float32 peers pass float32 data
     x0 = initial_ensembles(cfg["runs"], cfg["n"], cfg["d"], cfg["box"])
+    if args.successes_only:
+        return anchor_successes(cfg, x0)
     anchor = compare(cfg, x0, repeats, {"jax threefry2x32 f32": dict(impl="threefry2x32", dtype="float32"),
                                         "jax threefry2x32 f64": dict(impl="threefry2x32", dtype="float64")},
                      with_cbx=not args.no_cbx)
@@ -163,6 +168,25 @@ def compare(cfg, x0, repeats, peers, with_cbx):
         for rec in record.values():
             rec["speedup_vs_cbx"] = record["cbx"]["median_s"] / rec["median_s"]
     return record
+
+
+def anchor_successes(cfg, x0):
+    """Success counts of the anchor for x* in {0, 1} and both schemes (jax threefry2x32 float32)."""
+    rows = []
+    for scheme in ("euler_maruyama", "exact_drift"):
+        for shift in (0.0, 1.0):
+            c = make_jax_runner("rastrigin", shift, cfg, "anisotropic", scheme=scheme)(x0 + shift, 11)
+            rows.append(dict(scheme=scheme, shift=shift, successes=successes(c, shift, cfg["tol"]), runs=cfg["runs"]))
+            print(rows[-1], flush=True)
+    lines = ["# cbo_anchor_successes", "",
+             f"CBXpy anchor, optim.cbo (threefry2x32, float32): Rastrigin d={cfg['d']}, N={cfg['n']}, "
+             f"{cfg['runs']} runs, {cfg['steps']} steps, anisotropic, sigma={cfg['sigma']}, dt={cfg['dt']}, alpha "
+             f"{cfg['alpha']} x{cfg['alpha_growth']} <= {cfg['alpha_max']:g}; success = final consensus within "
+             f"{cfg['tol']} (sup-norm) of x*.", "", "| scheme | x* | successes |", "|---|---|---|"]
+    lines += [f"| {r['scheme']} | {r['shift']:g} | {r['successes']}/{r['runs']} |" for r in rows]
+    out = dict(config=cfg, rows=rows)
+    write_files(out, "cbo_anchor_successes", lines)
+    return out
 
 
 def write_files(out, name, lines):
