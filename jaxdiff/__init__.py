@@ -10,7 +10,22 @@ from jaxdiff import testing
 from jaxdiff.models import CFG, PREDICTIONS, Denoiser, DynamicThreshold
 from jaxdiff.sample import integrate, nfe, sample
 from jaxdiff.schedules import EDM, VE, RectifiedFlow, Schedule, VPCosine, VPDiscrete, VPLinear
-from jaxdiff.solvers import DDIM, DDPM, Coefficients, DPMSolver, DPMSolverPP, Layout, Solver, UniPC
+from jaxdiff.solvers import (
+    DDIM,
+    DDPM,
+    DEIS,
+    PNDM,
+    Coefficients,
+    DPMSolver,
+    DPMSolverPP,
+    DPMSolverPPSDE,
+    Euler,
+    EulerMaruyama,
+    Heun,
+    Layout,
+    Solver,
+    UniPC,
+)
 from jaxdiff.timesteps import timesteps
 
 __version__ = "0.1.0"

@@ -1,6 +1,10 @@
 """Solvers: one file per family, all behind the protocol in ``jaxdiff.solvers.base``."""
 
 from jaxdiff.solvers.base import Coefficients, Layout, Solver
-from jaxdiff.solvers.ddim import DDIM, DDPM
+from jaxdiff.solvers.ddim import DDIM, DDPM, Euler
+from jaxdiff.solvers.deis import DEIS
 from jaxdiff.solvers.dpm_solver import DPMSolver, DPMSolverPP
+from jaxdiff.solvers.heun import Heun
+from jaxdiff.solvers.pndm import PNDM
+from jaxdiff.solvers.sde import DPMSolverPPSDE, EulerMaruyama
 from jaxdiff.solvers.unipc import UniPC

@@ -15,7 +15,7 @@ import numpy as np
 
 from jaxdiff.solvers.base import Coefficients, Layout, Solver, grid
 
-__all__ = ["DDIM", "DDPM"]
+__all__ = ["DDIM", "DDPM", "Euler"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -60,3 +60,13 @@ class DDPM(DDIM):
     """DDPM ancestral sampling (Ho et al., 2020): ``DDIM(eta=1)``."""
 
     eta: float = 1.0
+
+
+@dataclasses.dataclass(frozen=True)
+class Euler(DDIM):
+    """Euler's method on dy/drho = eps_hat with y = x/alpha, rho = sigma/alpha (EDM's Euler sampler).
+
+    In these variables Euler's step is exactly deterministic DDIM, for every schedule.
+    """
+
+    eta: float = 0.0

@@ -41,6 +41,14 @@ ORDERS = [
     (jd.UniPC(order=2, prediction="noise"), 3),
     (jd.UniPC(order=3), 4),
     (jd.UniPC(order=2, use_corrector=False), 2),
+    (jd.Euler(), 1),
+    (jd.Heun(final_euler=False), 2),
+    (jd.DEIS(order=2), 2),
+    (jd.DEIS(order=3), 3),
+    # PNDM's Adams-Bashforth weights assume equal steps in rho: second order on a Karras grid.
+    (jd.PNDM("PLMS"), 2),
+    (jd.PNDM("S"), 2),
+    (jd.PNDM("F"), 2),
 ]
 
 
@@ -48,7 +56,7 @@ ORDERS = [
 def test_convergence_order_on_gaussian_data(solver, order):
     # Karras grid on EDM: a non-uniform grid in lambda. (On grids uniform in lambda the third-order
     # multistep methods superconverge to order 4 on Gaussian data.)
-    steps = (40, 80, 160) if solver.prediction == "noise" and order == 3 else (20, 40, 80)
+    steps = (40, 80, 160) if solver.prediction == "noise" and order == 3 else (20, 40, 80)  # slower to settle
     errs = [_error(jd.EDM(), solver, n, "karras") for n in steps]
     assert abs(_slope(errs, steps) - order) <= 0.3, (errs, _slope(errs, steps))
 
@@ -140,6 +148,31 @@ def test_ddpm_chain_moments_match_exact_propagation():
     np.testing.assert_allclose(jnp.var(x, 0), var, rtol=4 * np.sqrt(2 / n))
     again = jd.sample(GD.denoiser(s), x_T, ts, jd.DDPM(), args=GD, key=jax.random.key(4))
     np.testing.assert_array_equal(x, again)
+
+
+def test_sde_samplers():
+    """SDE-DPM-Solver++ order 1 is DDPM's ancestral step (same key, same noise); order 2 and
+    Euler-Maruyama reach the data moments."""
+    s = jd.VPLinear()
+    ts = jd.timesteps(s, 200, "logsnr")
+    n = 40000
+    x_T = jax.random.normal(jax.random.key(3), (n, 2))
+    key = jax.random.key(4)
+    first = jd.sample(GD.denoiser(s), x_T, ts, jd.DPMSolverPPSDE(order=1), args=GD, key=key)
+    np.testing.assert_allclose(first, jd.sample(GD.denoiser(s), x_T, ts, jd.DDPM(), args=GD, key=key), rtol=1e-9, atol=1e-10)
+    target_std = jnp.sqrt(GD.scale**2 * s.alpha(ts[-1]) ** 2 + s.sigma(ts[-1]) ** 2)
+    for solver in (jd.DPMSolverPPSDE(order=2), jd.EulerMaruyama()):
+        x = jd.sample(GD.denoiser(s), x_T, ts if solver.order == 2 else jd.timesteps(s, 200, "time"), solver, args=GD, key=key)
+        np.testing.assert_allclose(jnp.mean(x, 0), GD.mean, atol=4 * 1.5 / np.sqrt(n))
+        np.testing.assert_allclose(jnp.std(x, 0), target_std, rtol=0.015)
+
+
+def test_heun_into_zero_takes_a_final_euler_step():
+    s = jd.EDM()
+    ts = jd.timesteps(s, 18, "karras", final="zero")
+    x = jd.sample(GD.denoiser(s, "x0"), X_T, ts, jd.Heun(), args=GD)
+    assert jd.nfe(jd.Heun(), ts) == 35
+    assert float(jnp.max(jnp.abs(x - GD.flow(s, X_T, ts[0], 0.0)))) < 1e-2
 
 
 def test_jit_vmap_over_guidance_scales_equals_separate_runs():
