@@ -6,7 +6,7 @@
     x0 = jd.sample(den, x_T, jd.timesteps(s, 10), solver=jd.DPMSolverPP(order=2))
 """
 
-from jaxdiff import testing
+from jaxdiff import smc, testing
 from jaxdiff.models import CFG, PREDICTIONS, Denoiser, DynamicThreshold
 from jaxdiff.sample import integrate, nfe, sample
 from jaxdiff.schedules import EDM, VE, RectifiedFlow, Schedule, VPCosine, VPDiscrete, VPLinear
@@ -26,6 +26,7 @@ from jaxdiff.solvers import (
     Solver,
     UniPC,
 )
+from jaxdiff.smc import fkc
 from jaxdiff.timesteps import timesteps
 
 __version__ = "0.1.0"
