@@ -55,7 +55,16 @@ def solvers() -> dict[str, jd.Solver]:
         "UniPC-2 bh2": jd.UniPC(order=2),
         "UniPC-3 bh2": jd.UniPC(order=3),
         "UniPC-2 bh1": jd.UniPC(order=2, variant="bh1"),
+        "DEIS-3 (rhoAB)": jd.DEIS(order=3),
+        "iPNDM (PLMS)": jd.PNDM("PLMS"),
+        "S-PNDM": jd.PNDM("S"),
+        "Heun (EDM)": jd.Heun(),
     }
+
+
+def steps_for(solver: jd.Solver, nfe: int) -> int:
+    """The most steps whose NFE does not exceed ``nfe``."""
+    return max(n for n in range(solver.min_steps(), nfe + 1) if solver.nfe(n) <= nfe)
 
 
 def sliced_w2(key, a, b, num_projections: int = 256):
@@ -143,7 +152,7 @@ def main(argv=None):
             # one compile per (solver, NFE): the grid is an argument
             run = jax.jit(lambda x, ts, solver=solver: jd.sample(den, x, ts, solver, args=gm))
             for grid in GRIDS:
-                ts = jd.timesteps(s, nfe, grid)
+                ts = jd.timesteps(s, steps_for(solver, nfe), grid)
                 x, seconds = timed(lambda x: run(x, ts), x_T)
                 err = float(jnp.sqrt(jnp.mean(jnp.sum((x - ref) ** 2, -1))))
                 runs[(name, grid, nfe)] = (x, err, seconds, jd.nfe(solver, ts))
