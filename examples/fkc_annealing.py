@@ -6,7 +6,7 @@ of K^3 Gaussians (one per triple of components), so exact samples are available.
 
 - exact samples of q^3;
 - the uncorrected sampler: the reverse SDE driven by 3 * score (``weighted=False``);
-- FKC: the same SDE with log-weights and systematic resampling at every step.
+- FKC: the same SDE with log-weights and systematic resampling at every step (``--ess-threshold`` to change).
 
 and report W2 (exact optimal matching on equal-size subsamples) and RBF-MMD to exact samples, plus the
 total-variation distance between the mode masses. Writes a figure and a JSON record.
@@ -27,7 +27,7 @@ import numpy as np
 from scipy.optimize import linear_sum_assignment
 
 import jaxdiff as jd
-from jaxdiff.smc import fkc
+from jaxdiff.smc import fkc, resampling
 
 
 def make_mixture(key, num_modes=16):
@@ -83,19 +83,23 @@ def main():
     parser = argparse.ArgumentParser()
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--out", default=os.path.join("examples", "results"))
+    parser.add_argument("--ess-threshold", type=float, default=1.0,
+                        help="resample when ESS <= this fraction of N (1.0: every step)")
     opts = parser.parse_args()
     jax.config.update("jax_enable_x64", True)
-    n, steps, beta = (1024, 100, 3) if opts.quick else (4096, 400, 3)
+    n, steps, beta = (1024, 100, 3) if opts.quick else (4096, 200, 3)
     s = jd.VPLinear()
     mix = make_mixture(jax.random.key(0))
     ts = jd.timesteps(s, steps, "time")
     x_T = jax.random.normal(jax.random.key(1), (n, 2)) / math.sqrt(beta)  # q_1^beta ≈ N(0, I/beta)
-    run = jax.jit(lambda x, k, w: fkc.sample(fkc.Anneal(mix.denoiser(s), beta), x, ts, k, args=mix, weighted=w),
+    run = jax.jit(lambda x, k, w: fkc.sample(fkc.Anneal(mix.denoiser(s), beta), x, ts, k, args=mix, weighted=w,
+                                               ess_threshold=opts.ess_threshold),
                   static_argnums=2)
     res = run(x_T, jax.random.key(2), True)
     plain = run(x_T, jax.random.key(2), False)
     exact = exact_power_samples(jax.random.key(3), mix, s, ts[-1], beta, n)
-    # FKC resamples at every step, so its final particles are equally weighted and comparable directly.
+    # Compare equally weighted samples: resample FKC's final weighted particles once more.
+    res = res._replace(x=res.x[resampling.systematic(jax.random.key(5), res.log_weights, n)])
     sub = min(n, 1500)
     metrics = {}
     for name, xs in (("uncorrected", plain.x), ("fkc", res.x), ("exact (independent draw)",
