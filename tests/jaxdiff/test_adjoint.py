@@ -1,0 +1,207 @@
+"""Gradients through sampling: Backprop (exact, checkpointed) and AdjointDPM (continuous adjoint).
+
+Closed forms come from ``GaussianData.flow`` (exact probability-flow map), differentiated with
+``jax.grad``; non-Gaussian models are checked against ``Backprop``, the exact gradient of the
+discrete sampler.
+"""
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import jaxdiff as jd
+from jaxdiff.adjoint import AdjointDPM, Backprop
+
+S = jd.VPCosine()
+GD = jd.testing.GaussianData(jnp.array([0.5, -1.0]), jnp.array([0.7, 1.3]))
+X_T = jnp.array([0.3, -1.2])
+TARGET = jnp.array([0.2, 0.1])
+GM = jd.testing.GaussianMixture(jnp.array([0.3, 0.7]), jnp.array([[1.0, 0.5], [-1.0, -0.5]]), jnp.array([0.4, 0.6]))
+
+
+def rel(g, ref):
+    """Largest relative error (2-norm) over the leaves of two gradient pytrees."""
+    return max(float(jnp.linalg.norm(a - b) / jnp.linalg.norm(b)) for a, b in zip(jax.tree.leaves(g), jax.tree.leaves(ref)))
+
+
+def grads(den, ts, solver, adjoint, args=GD, x=X_T, loss=lambda x0: jnp.sum((x0 - TARGET) ** 2)):
+    f = lambda x, a: loss(jd.sample(den, x, ts, solver, args=a, adjoint=adjoint))  # noqa: E731
+    return jax.jit(jax.grad(f, argnums=(0, 1)))(x, args)
+
+
+def closed_form(ts):
+    f = lambda x, g: jnp.sum((g.flow(S, x, ts[0], ts[-1]) - TARGET) ** 2)  # noqa: E731
+    return jax.grad(f, argnums=(0, 1))(X_T, GD)
+
+
+# ---------------------------------------------------------------------------------------------- Backprop
+
+
+@pytest.mark.parametrize(
+    "checkpoint, solver",
+    [(1, jd.UniPC()), (3, jd.DPMSolverPP(order=3, method="singlestep")), ("sqrt", jd.DDPM()), ("binomial", jd.UniPC())],
+)
+def test_backprop_checkpointing_gives_the_same_gradient(checkpoint, solver):
+    ts = jd.timesteps(S, 11)
+    key = jax.random.key(3)
+    f = lambda x, a, adj: jnp.sum(jd.sample(GD.denoiser(S), x, ts, solver, args=a, key=key, adjoint=adj) ** 2)  # noqa: E731
+    ref = jax.jit(jax.grad(f, argnums=(0, 1)), static_argnums=2)(X_T, GD, None)
+    got = jax.jit(jax.grad(f, argnums=(0, 1)), static_argnums=2)(X_T, GD, Backprop(checkpoint))
+    assert rel(got, ref) < 1e-12
+
+
+def test_backprop_checkpointing_cuts_compiled_memory():
+    den = GD.denoiser(S)
+    x = jnp.ones((256, 2))
+    ts = jd.timesteps(S, 48)
+
+    def temp(adj):
+        f = jax.grad(lambda x: jnp.sum(jd.sample(den, x, ts, jd.DPMSolverPP(), args=GD, adjoint=adj) ** 2))
+        return jax.jit(f).lower(x).compile().memory_analysis().temp_size_in_bytes
+
+    full, sqrt, binomial = temp(Backprop()), temp(Backprop("sqrt")), temp(Backprop("binomial"))
+    assert sqrt < full / 2 and binomial < full / 2
+
+
+def test_backprop_rejects_bad_checkpoint():
+    with pytest.raises(ValueError, match=r"`checkpoint=0` is not supported"):
+        Backprop(0)
+    with pytest.raises(ValueError, match=r"`checkpoint='log'` is not supported"):
+        Backprop("log")
+
+
+# ---------------------------------------------------------------------------------------------- AdjointDPM
+
+
+def test_adjoint_forward_is_the_solver_output():
+    ts = jd.timesteps(S, 12)
+    den = GD.denoiser(S)
+    plain = jd.sample(den, X_T, ts, jd.UniPC(), args=GD)
+    np.testing.assert_array_equal(jd.sample(den, X_T, ts, jd.UniPC(), args=GD, adjoint=AdjointDPM()), plain)
+
+
+def test_adjoint_order2_converges_to_closed_form():
+    """Acceptance 1: 2M forward on a logSNR grid, second-order adjoint: <= 2e-2 at 20, <= 1e-3 at 100 steps."""
+    errs = {}
+    for n in (20, 40, 100):
+        ts = jd.timesteps(S, n)
+        errs[n] = rel(grads(GD.denoiser(S), ts, jd.DPMSolverPP(order=2), AdjointDPM(order=2)), closed_form(ts))
+    assert errs[20] <= 2e-2 and errs[100] <= 1e-3
+    assert np.log2(errs[20] / errs[40]) > 1.6  # second order
+
+
+def test_adjoint_order3_converges_at_third_order():
+    errs = [rel(grads(GD.denoiser(S), jd.timesteps(S, n), jd.DPMSolverPP(order=3), AdjointDPM(order=3)), closed_form(jd.timesteps(S, n))) for n in (20, 40)]
+    assert errs[0] < 5e-3
+    assert np.log2(errs[0] / errs[1]) > 2.4
+
+
+def test_adjoint_order1_is_first_order():
+    errs = [rel(grads(GD.denoiser(S), jd.timesteps(S, n), jd.DDIM(), AdjointDPM(order=1)), closed_form(jd.timesteps(S, n))) for n in (40, 80)]
+    assert 0.8 < np.log2(errs[0] / errs[1]) < 1.3
+
+
+@pytest.mark.parametrize("prediction", jd.PREDICTIONS)
+def test_adjoint_every_prediction_type(prediction):
+    ts = jd.timesteps(S, 20)
+    assert rel(grads(GD.denoiser(S, prediction), ts, jd.DPMSolverPP(), AdjointDPM()), closed_form(ts)) < 2e-2
+
+
+def test_adjoint_store_trajectory_and_substeps():
+    ts = jd.timesteps(S, 20)
+    ref = closed_form(ts)
+    base = rel(grads(GD.denoiser(S), ts, jd.DPMSolverPP(), AdjointDPM()), ref)
+    stored = rel(grads(GD.denoiser(S), ts, jd.DPMSolverPP(), AdjointDPM(store_trajectory=True)), ref)
+    assert stored < 2e-2 and base < 2e-2
+    # a first-order backward pass is refined by substeps until the 2M forward's error dominates
+    coarse = rel(grads(GD.denoiser(S), ts, jd.DPMSolverPP(), AdjointDPM(order=1, store_trajectory=True)), ref)
+    fine = rel(grads(GD.denoiser(S), ts, jd.DPMSolverPP(), AdjointDPM(order=1, substeps=4, store_trajectory=True)), ref)
+    assert fine < coarse / 2.5
+
+
+def test_adjoint_agrees_with_backprop_on_mixture():
+    """Acceptance 2 (mixture): 3M forward, third-order adjoint, 50 steps."""
+    ts = jd.timesteps(S, 50)
+    loss = lambda x0: jnp.sum(jnp.sin(x0))  # noqa: E731
+    x = jax.random.normal(jax.random.key(1), (4, 2))
+    ref = grads(GM.denoiser(S), ts, jd.DPMSolverPP(order=3), Backprop(), args=GM, x=x, loss=loss)
+    got = grads(GM.denoiser(S), ts, jd.DPMSolverPP(order=3), AdjointDPM(order=3, store_trajectory=True), args=GM, x=x, loss=loss)
+    assert rel(got, ref) < 1e-3
+
+
+class _MLP(nn.Module):
+    @nn.compact
+    def __call__(self, x, t):
+        feats = jnp.broadcast_to(jnp.stack([jnp.sin(3 * t), jnp.cos(3 * t)]), x.shape[:-1] + (2,))
+        h = nn.tanh(nn.Dense(16)(jnp.concatenate([x, feats], -1)))
+        return nn.Dense(x.shape[-1], kernel_init=nn.initializers.normal(0.1))(h)
+
+
+def _mlp_denoiser():
+    """A 'fine-tuned' noise predictor: the exact mixture model plus a small flax MLP correction."""
+    mlp = _MLP()
+    exact = GM.denoiser(S)
+    den = jd.Denoiser(lambda x, t, p: exact.fn(x, t, GM) + mlp.apply(p, x, t), S, "epsilon")
+    return den, mlp.init(jax.random.key(0), jnp.zeros((1, 2)), 0.5)
+
+
+def test_adjoint_agrees_with_backprop_on_flax_mlp():
+    """Acceptance 2 (flax MLP): gradients w.r.t. the network weights and x_T."""
+    den, params = _mlp_denoiser()
+    ts = jd.timesteps(S, 50)
+    loss = lambda x0: jnp.sum(jnp.sin(x0))  # noqa: E731
+    x = jax.random.normal(jax.random.key(1), (4, 2))
+    ref = grads(den, ts, jd.DPMSolverPP(order=3), Backprop(), args=params, x=x, loss=loss)
+    got = grads(den, ts, jd.DPMSolverPP(order=3), AdjointDPM(order=3, store_trajectory=True), args=params, x=x, loss=loss)
+    assert rel(got, ref) < 1e-3
+
+
+def test_adjoint_under_vmap_and_with_trajectory_cotangents():
+    ts = jd.timesteps(S, 30)
+    den = GD.denoiser(S)
+    one = lambda x: jnp.sum((jd.sample(den, x, ts, jd.DPMSolverPP(), args=GD, adjoint=AdjointDPM()) - TARGET) ** 2)  # noqa: E731
+    xs = jnp.stack([X_T, -X_T, 2 * X_T])
+    batched = jax.jit(jax.vmap(jax.grad(one)))(xs)
+    whole = jax.jit(jax.grad(lambda x: jnp.sum(jax.vmap(one)(x))))(xs)
+    np.testing.assert_allclose(batched, whole, rtol=1e-12)
+    # a loss on the whole trajectory: continuous adjoint with jumps at the grid points vs exact backprop
+    traj_loss = lambda x, adj: jnp.sum(jd.sample(den, x, ts, jd.DPMSolverPP(order=3), args=GD, adjoint=adj, return_trajectory=True)[1] ** 2)  # noqa: E731
+    g = jax.jit(jax.grad(traj_loss), static_argnums=1)
+    assert rel(g(X_T, AdjointDPM(order=3)), g(X_T, Backprop())) < 5e-3
+
+
+def test_adjoint_classifier_free_guidance():
+    """Gradients reach both the conditional and the unconditional branch's parameters."""
+    den = GD.denoiser(S, guidance=jd.CFG(2.0))
+    uncond = jd.testing.GaussianData(jnp.zeros(2), jnp.ones(2))
+    ts = jd.timesteps(S, 50)
+    ref = grads(den, ts, jd.DPMSolverPP(order=3), Backprop(), args=(GD, uncond))
+    got = grads(den, ts, jd.DPMSolverPP(order=3), AdjointDPM(order=3, store_trajectory=True), args=(GD, uncond))
+    assert rel(got, ref) < 2e-3
+    assert float(jnp.linalg.norm(got[1][1].mean)) > 0.1
+
+
+@pytest.mark.parametrize("store", [False, True])
+def test_adjoint_grid_ending_at_zero(store):
+    ts = jd.timesteps(S, 40, final="zero")
+    ref = grads(GD.denoiser(S), ts, jd.DPMSolverPP(order=3), Backprop())
+    got = grads(GD.denoiser(S), ts, jd.DPMSolverPP(order=3), AdjointDPM(order=3, store_trajectory=store))
+    assert rel(got, ref) < 2e-2
+
+
+def test_adjoint_bad_input():
+    den, ts = GD.denoiser(S), jd.timesteps(S, 5)
+    with pytest.raises(ValueError, match=r"`solver=DDPM\(...\)` is stochastic"):
+        jd.sample(den, X_T, ts, jd.DDPM(), args=GD, key=jax.random.key(0), adjoint=AdjointDPM())
+    with pytest.raises(ValueError, match=r"`args\[1\]` has dtype int"):
+        jd.sample(jd.Denoiser(lambda x, t, a: x * a[0], S), X_T, ts, jd.DDIM(), args=(1.0, jnp.arange(2)), adjoint=AdjointDPM())
+    with pytest.raises(ValueError, match=r"denoise_to_zero=True"):
+        jd.sample(den, X_T, ts, jd.DPMSolverPP(denoise_to_zero=True), args=GD, adjoint=AdjointDPM())
+    with pytest.raises(ValueError, match=r"`order=4` is not supported"):
+        AdjointDPM(order=4)
+    with pytest.raises(ValueError, match=r"`substeps=0` must be a positive int"):
+        AdjointDPM(substeps=0)
+    with pytest.raises(ValueError, match=r"Unknown `form='rho'`"):
+        AdjointDPM(form="rho")
