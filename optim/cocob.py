@@ -80,9 +80,12 @@ def cocob(
     coupled = not is_static_zero(weight_decay)
 
     def init_fn(params):
-        zeros = jax.tree.map(jnp.zeros_like, params)
+        def zeros():  # fresh buffers per field, so params and state can all be donated
+            return jax.tree.map(jnp.zeros_like, params)
+
         return COCOBState(
-            jnp.zeros((), jnp.int32), params, zeros, jax.tree.map(lambda p: jnp.full_like(p, eps), params), zeros, zeros
+            jnp.zeros((), jnp.int32), jax.tree.map(jnp.copy, params), zeros(),
+            jax.tree.map(lambda p: jnp.full_like(p, eps), params), zeros(), zeros(),
         )
 
     def leaf(g, w, w1, theta, big_l, big_g, r):

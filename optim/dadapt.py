@@ -80,6 +80,15 @@ def _safe_div(a, b):
     return a / jnp.where(b > 0, b, 1)
 
 
+def _zeros(params):
+    return jax.tree.map(jnp.zeros_like, params)
+
+
+def _copy(params):
+    """A fresh copy, so params and state never share a buffer (both can be donated)."""
+    return jax.tree.map(jnp.copy, params)
+
+
 def _scalars(*xs):
     return jnp.stack([jnp.asarray(x, _tree.accumulation_dtype()) for x in xs])
 
@@ -163,10 +172,9 @@ def dadapt_adam(
 
     def init_fn(params):
         acc = _tree.accumulation_dtype()
-        zeros = jax.tree.map(jnp.zeros_like, params)
         return DAdaptAdamState(
             jnp.zeros((), jnp.int32), jnp.zeros((), jnp.int32), jnp.asarray(d0, acc), jnp.zeros((), acc),
-            zeros, zeros, zeros,
+            _zeros(params), _zeros(params), _zeros(params),
         )
 
     def update_fn(updates, state, params=None):
@@ -277,7 +285,7 @@ def dadapt_sgd(
         acc = _tree.accumulation_dtype()
         return DAdaptSGDState(
             jnp.zeros((), jnp.int32), jnp.zeros((), jnp.int32), jnp.asarray(d0, acc), jnp.zeros((), acc),
-            jnp.zeros((), acc), jax.tree.map(jnp.zeros_like, params), params,
+            jnp.zeros((), acc), _zeros(params), _copy(params),
         )
 
     def update_fn(updates, state, params=None):
@@ -382,7 +390,7 @@ def dadapt_adagrad(
         acc = _tree.accumulation_dtype()
         return DAdaptAdaGradState(
             jnp.zeros((), jnp.int32), jnp.zeros((), jnp.int32), jnp.asarray(d0, acc), jnp.zeros((), acc),
-            jax.tree.map(lambda p: jnp.full_like(p, _ALPHA0), params), jax.tree.map(jnp.zeros_like, params), params,
+            jax.tree.map(lambda p: jnp.full_like(p, _ALPHA0), params), _zeros(params), _copy(params),
         )
 
     def update_fn(updates, state, params=None):
@@ -487,10 +495,9 @@ def dadapt_lion(
 
     def init_fn(params):
         acc = _tree.accumulation_dtype()
-        zeros = jax.tree.map(jnp.zeros_like, params)
         return DAdaptLionState(
             jnp.zeros((), jnp.int32), jnp.zeros((), jnp.int32), jnp.asarray(d0, acc), jnp.zeros((), acc),
-            zeros, zeros,
+            _zeros(params), _zeros(params),
         )
 
     def update_fn(updates, state, params=None):

@@ -118,7 +118,7 @@ def mechanize(
         acc = _tree.accumulation_dtype()
         zeros = jnp.zeros((n,), acc)
         return MechanicState(
-            jnp.zeros((), jnp.int32), jnp.zeros((), jnp.int32), base.init(params), params,
+            jnp.zeros((), jnp.int32), jnp.zeros((), jnp.int32), base.init(params), jax.tree.map(jnp.copy, params),
             zeros, jnp.full((n,), _M_INIT, acc), zeros, zeros,
         )
 

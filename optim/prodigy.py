@@ -160,17 +160,19 @@ def prodigy(
 
     def init_fn(params):
         acc = _tree.accumulation_dtype()
-        zeros = jax.tree.map(jnp.zeros_like, params)
+        def zeros():  # fresh buffers per field, so params and state can all be donated
+            return jax.tree.map(jnp.zeros_like, params)
+
         return ProdigyState(
             count=jnp.zeros((), jnp.int32),
             num_nonfinite=jnp.zeros((), jnp.int32),
             d=jnp.asarray(d0, acc),
             d_max=jnp.asarray(d0, acc),
             d_numerator=jnp.zeros((), acc),
-            exp_avg=zeros if use_m else None,
-            exp_avg_sq=zeros,
+            exp_avg=zeros() if use_m else None,
+            exp_avg_sq=zeros(),
             grad_sum=jax.tree.map(lambda p: jnp.zeros_like(sl(p)), params),
-            params0=jax.tree.map(sl, params),
+            params0=jax.tree.map(lambda p: jnp.copy(sl(p)), params),
         )
 
     def update_fn(updates, state, params=None):
