@@ -306,9 +306,14 @@ _REASONS = [
     "- Schedule-free methods are not learning-rate-free: with their published default learning",
     "  rates (SGD 1.0, AdamW/RAdam 0.0025) they are under- or over-tuned for a given problem;",
     "  the reference README says the method does require tuning. RAdam's first steps are silent.",
-    "- D-Adapted AdaGrad adapts d slowly (users report the same: facebookresearch/dadaptation#29);",
-    "  D-Adapted Lion's estimate mixes dlr-scaled and raw gradients and it is flagged experimental",
-    "  (dadaptation#35). D-Adapted SGD has no curvature safeguard: d can overshoot 2/L.",
+    "  Schedule-free SGD at its default lr=1.0 exceeds 2/L = 2e-4 on the quadratic and blows up;",
+    "  once the float32 gradient overflows, every later step is skipped (the non-finite rule), which",
+    "  is what `skipped steps` counts.",
+    "- D-Adapted AdaGrad adapts d slowly (users report the same: facebookresearch/dadaptation#29).",
+    "  D-Adapted Lion (flagged experimental in the reference; dadaptation#35) diverges on the three",
+    "  data sets: its sign updates have norm ~sqrt(n) whatever the gradient, d keeps growing, the",
+    "  parameters reach ~1e19 and the gradients overflow (then steps are skipped). D-Adapted SGD has",
+    "  no curvature safeguard: on the quadratic d overshoots 2/L and it diverges the same way.",
 ]
 
 
