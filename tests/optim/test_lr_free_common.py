@@ -55,6 +55,32 @@ TRANSFORMS: list[Entry] = [
           optim.mechanize, {"base": optax.adam(1.0), "weight_decay": 0.01}, shard_kwargs={"s_init": 1e-4}),
     Entry("cocob", lambda axis_name=None, **kw: optim.cocob(axis_name=axis_name, **kw), optim.cocob,
           {"alpha": 100.0}, diverges_without_axis_name=False),
+    Entry("dog", lambda axis_name=None, **kw: optim.dog(axis_name=axis_name, **kw), optim.dog,
+          {"reps_rel": 1e-6, "eps": 1e-8}, shard_kwargs={"reps_rel": 1e-2}),
+    Entry("ldog", lambda axis_name=None, **kw: optim.ldog(axis_name=axis_name, **kw), optim.ldog,
+          {"reps_rel": 1e-6}, shard_kwargs={"reps_rel": 1e-2}),
+    Entry("dowg", lambda axis_name=None, **kw: optim.dowg(axis_name=axis_name, **kw), optim.dowg,
+          {"reps_rel": 1e-6}, shard_kwargs={"reps_rel": 1e-2}),
+    Entry("dog+polynomial_decay_averaging",
+          lambda axis_name=None, **kw: optax.chain(optim.dog(axis_name=axis_name, **kw),
+                                                   optim.polynomial_decay_averaging()),
+          lambda gamma: optax.chain(optim.dog(), optim.polynomial_decay_averaging(gamma)), {"gamma": 8.0},
+          eval_params=lambda s, p: optim.averaged_params(s), shard_kwargs={"reps_rel": 1e-2}),
+    # schedule-free: the only global reduction is the non-finite check, so finite runs also
+    # agree sharded without axis_name; judged at the eval iterate x
+    Entry("schedule_free_sgd", lambda axis_name=None, **kw: optim.schedule_free_sgd(0.1, axis_name=axis_name, **kw),
+          optim.schedule_free_sgd, {"learning_rate": 0.1, "warmup_steps": 0, "r": 0.0},
+          diverges_without_axis_name=False, eval_params=optim.schedule_free_eval_params, solves=("parabola",)),
+    Entry("schedule_free_adamw", lambda axis_name=None, **kw: optim.schedule_free_adamw(axis_name=axis_name, **kw),
+          optim.schedule_free_adamw, {"learning_rate": 0.0025, "warmup_steps": 0, "weight_decay": 0.0},
+          diverges_without_axis_name=False, eval_params=optim.schedule_free_eval_params),
+    Entry("schedule_free_radam", lambda axis_name=None, **kw: optim.schedule_free_radam(axis_name=axis_name, **kw),
+          optim.schedule_free_radam, {"learning_rate": 0.0025, "r": 0.0}, diverges_without_axis_name=False,
+          eval_params=optim.schedule_free_eval_params, shard_kwargs={"learning_rate": 0.05}),  # 4 silent steps
+    Entry("schedule_free(adam)",
+          lambda axis_name=None, **kw: optim.schedule_free(optax.adam(1e-2, b1=0.0), 1e-2, axis_name=axis_name, **kw),
+          optim.schedule_free, {"base": optax.adam(1e-2, b1=0.0), "learning_rate": 1e-2},
+          diverges_without_axis_name=False, eval_params=optim.schedule_free_eval_params),
 ]
 IDS = [e.name for e in TRANSFORMS]
 
