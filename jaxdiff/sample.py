@@ -1,8 +1,8 @@
 """The one sampling driver: ``jaxdiff.sample``.
 
 A solver gives a ``Layout`` and per-evaluation ``Coefficients`` for the grid (see
-``jaxdiff.solvers.base``); the driver runs them in one ``lax.scan`` with a fixed-size ring buffer
-of past model evaluations. One compiled program per (solver, grid size); no Python loop over
+``jaxdiff.solvers.base``); the driver runs them in one ``lax.scan`` with a fixed-size buffer of
+past model evaluations, newest first. One compiled program per (solver, grid size); no Python loop over
 steps and no ``lax.cond`` on the order. Pure: works under ``jit``, ``vmap`` and ``grad``.
 """
 
@@ -127,17 +127,11 @@ def integrate(
     coef = solver.coefficients(denoiser.schedule, jnp.asarray(ts, dtype=jnp.result_type(ts, float)))
     m, k = layout.num_evals, layout.history
 
-    # Ring buffer: evaluation i goes to slot i % k; reorder lag-ordered columns into slot order.
-    it = np.arange(m)[:, None]
-    lag_of_slot = (it - np.arange(k)[None, :]) % k
-    a_hist = jnp.take_along_axis(coef.anchor[:, 2:], lag_of_slot, axis=1)
-    y_hist = jnp.take_along_axis(coef.y[:, 1:], lag_of_slot, axis=1)
     rows = dict(
         t=coef.t,
-        a=jnp.concatenate([coef.anchor[:, :2], a_hist], axis=1).astype(dtype),
-        b=jnp.concatenate([coef.y[:, :1], y_hist], axis=1).astype(dtype),
+        a=coef.anchor.astype(dtype),
+        b=coef.y.astype(dtype),
         noise=coef.noise.astype(dtype),
-        slot=jnp.asarray(np.arange(m) % k, dtype=jnp.int32),
     )
     if solver.stochastic:
         rows["key"] = jax.random.split(key, m)
@@ -152,7 +146,8 @@ def integrate(
     def body(carry, row):
         y, anchor, hist = carry
         d = predict(y, row["t"], args).astype(dtype)
-        hist = jax.lax.dynamic_update_index_in_dim(hist, d, row["slot"], 0)
+        # lag order: the newest evaluation first (static shifts; no data-dependent indexing)
+        hist = jnp.concatenate([d[None], hist[:-1]], axis=0)
         if layout.uses_anchor:
             anchor = combine(row["a"][1:], y, hist) + row["a"][0] * anchor
             y_new = combine(row["b"], anchor, hist)
