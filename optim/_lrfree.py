@@ -64,12 +64,30 @@ def check_update_args(name: str, updates: Any, params: Any, ref: Any, ref_name: 
     _tree.check_same_structure("params", params, ref_name, ref)
 
 
-def commit(ok: jax.Array, updates: Any, stepped: Any, state: Any) -> tuple[Any, Any]:
-    """``(updates, stepped)`` when ``ok``, else ``(0, state)`` with ``num_nonfinite + 1``."""
-    skipped = state._replace(num_nonfinite=optax.safe_increment(state.num_nonfinite))
-    new_state = _tree.tree_where(ok, stepped, skipped)
-    new_updates = jax.tree.map(lambda u: jnp.where(ok, u, jnp.zeros_like(u)), updates)
-    return new_updates, new_state
+def commit(ok: jax.Array, updates: Any, stepped: Any, state: Any, active: jax.Array | None = None) -> tuple[Any, Any]:
+    """Apply the skip rules to a stepped state, in one select per changed leaf.
+
+    ``ok`` false (non-finite statistics): zero updates, ``state`` kept, ``num_nonfinite + 1``.
+    ``active`` false (learning rate 0, or no gradient signal yet): zero updates, ``state``
+    kept but ``count`` advanced. Leaves the step passes through unchanged (``x0``) are
+    returned as they are, so they cost no memory traffic.
+    """
+    take = ok if active is None else ok & active
+
+    def pick(new, old):
+        return jax.tree.map(lambda a, b: a if a is b else jnp.where(take, a, b), new, old)
+
+    fields = {}
+    for name in state._fields:
+        new, old = getattr(stepped, name), getattr(state, name)
+        if name == "count":
+            fields[name] = jnp.where(ok, new, old)
+        elif name == "num_nonfinite":
+            fields[name] = jnp.where(ok, old, optax.safe_increment(old))
+        else:
+            fields[name] = pick(new, old)
+    new_updates = jax.tree.map(lambda u: jnp.where(take, u, jnp.zeros_like(u)), updates)
+    return new_updates, type(state)(**fields)
 
 
 def is_static_zero(x) -> bool:

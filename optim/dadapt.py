@@ -215,8 +215,7 @@ def dadapt_adam(
         count = optax.safe_increment(state.count)
         stepped = DAdaptAdamState(count, state.num_nonfinite, d_new, numerator_weighted, exp_avg, exp_avg_sq, grad_sum)
         # lr == 0 or no gradient signal yet: the reference returns before changing anything
-        new_updates = jax.tree.map(lambda u: jnp.where(active, u, jnp.zeros_like(u)), new_updates)
-        return commit(finite, new_updates, _tree.tree_where(active, stepped, state._replace(count=count)), state)
+        return commit(finite, new_updates, stepped, state, active)
 
     return optax.GradientTransformation(init_fn, update_fn)
 
@@ -311,8 +310,8 @@ def dadapt_sgd(
         count = optax.safe_increment(state.count)
         stepped = DAdaptSGDState(count, state.num_nonfinite, d_new, numerator_weighted, g0_norm, grad_sum,
                                  state.params0)
-        new_updates = jax.tree.map(lambda u: jnp.where(active, u, jnp.zeros_like(u)), new_updates)
-        return commit(finite, new_updates, _tree.tree_where(active, stepped, state._replace(count=count)), state)
+        # lr == 0 or no gradient signal yet: the reference returns before changing anything
+        return commit(finite, new_updates, stepped, state, active)
 
     return optax.GradientTransformation(init_fn, update_fn)
 
@@ -425,8 +424,8 @@ def dadapt_adagrad(
         )
         count = optax.safe_increment(state.count)
         stepped = DAdaptAdaGradState(count, state.num_nonfinite, d_new, gsq_weighted, alpha, grad_sum, state.params0)
-        new_updates = jax.tree.map(lambda u: jnp.where(active, u, jnp.zeros_like(u)), new_updates)
-        return commit(finite, new_updates, _tree.tree_where(active, stepped, state._replace(count=count)), state)
+        # lr == 0 or no gradient signal yet: the reference returns before changing anything
+        return commit(finite, new_updates, stepped, state, active)
 
     return optax.GradientTransformation(init_fn, update_fn)
 

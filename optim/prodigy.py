@@ -228,8 +228,6 @@ def prodigy(
         stepped = ProdigyState(count, state.num_nonfinite, d_new, d_max, d_numerator, exp_avg, exp_avg_sq, grad_sum,
                                state.params0)
         # lr == 0 (or no gradient signal yet): the reference returns before touching anything
-        idle = state._replace(count=count)
-        new_updates = jax.tree.map(lambda u: jnp.where(active, u, jnp.zeros_like(u)), new_updates)
-        return commit(finite, new_updates, _tree.tree_where(active, stepped, idle), state)
+        return commit(finite, new_updates, stepped, state, active)
 
     return optax.GradientTransformation(init_fn, update_fn)
