@@ -66,11 +66,13 @@ class Schedule(struct.PyTreeNode):
 
     @property
     def t_min(self):
-        raise NotImplementedError
+        """Default end of sampling grids (the ``t_end`` field)."""
+        return self.t_end
 
     @property
     def t_max(self):
-        raise NotImplementedError
+        """Default start of sampling grids (the ``t_start`` field)."""
+        return self.t_start
 
 
 class _VP(Schedule):
@@ -97,6 +99,7 @@ class VPLinear(_VP):
 
     beta_min: jax.Array = struct.field(default=0.1)
     beta_max: jax.Array = struct.field(default=20.0)
+    t_start: float = struct.field(pytree_node=False, default=1.0)
     t_end: float = struct.field(pytree_node=False, default=1e-3)
 
     def log_alpha(self, t):
@@ -109,14 +112,6 @@ class VPLinear(_VP):
         big_l = jnp.logaddexp(0.0, -2.0 * _float(lam))
         b0, db = self.beta_min, self.beta_max - self.beta_min
         return 2.0 * big_l / (b0 + jnp.sqrt(b0**2 + 2.0 * db * big_l))
-
-    @property
-    def t_min(self):
-        return self.t_end
-
-    @property
-    def t_max(self):
-        return 1.0
 
 
 class VPCosine(_VP):
@@ -139,14 +134,6 @@ class VPCosine(_VP):
     def t_of_lambda(self, lam):
         log_alpha = self._log_alpha_of_lambda(_float(lam)) + self._log_alpha_0()
         return 2.0 * (1.0 + self.s) / math.pi * jnp.arccos(jnp.exp(log_alpha)) - self.s
-
-    @property
-    def t_min(self):
-        return self.t_end
-
-    @property
-    def t_max(self):
-        return self.t_start
 
 
 class VPDiscrete(_VP):
@@ -226,6 +213,7 @@ class VE(Schedule):
 
     sigma_min: jax.Array = struct.field(default=0.01)
     sigma_max: jax.Array = struct.field(default=50.0)
+    t_start: float = struct.field(pytree_node=False, default=1.0)
     t_end: float = struct.field(pytree_node=False, default=1e-5)
 
     def log_alpha(self, t):
@@ -239,14 +227,6 @@ class VE(Schedule):
     def t_of_lambda(self, lam):
         lo, hi = jnp.log(self.sigma_min), jnp.log(self.sigma_max)
         return (-_float(lam) - lo) / (hi - lo)
-
-    @property
-    def t_min(self):
-        return self.t_end
-
-    @property
-    def t_max(self):
-        return 1.0
 
 
 class EDM(Schedule):
@@ -302,11 +282,3 @@ class RectifiedFlow(Schedule):
 
     def t_of_lambda(self, lam):
         return jax.nn.sigmoid(-_float(lam))
-
-    @property
-    def t_min(self):
-        return self.t_end
-
-    @property
-    def t_max(self):
-        return self.t_start

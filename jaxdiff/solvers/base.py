@@ -39,6 +39,11 @@ class Layout:
     uses_anchor: bool
     step_end: tuple[bool, ...]  # (M,): evaluation k produces the next grid point
 
+    @classmethod
+    def multistep(cls, num_steps: int, history: int) -> "Layout":
+        """One evaluation per step, no anchor: the layout of every multistep method."""
+        return cls(num_evals=num_steps, history=history, uses_anchor=False, step_end=(True,) * num_steps)
+
 
 class Coefficients(NamedTuple):
     """Per-evaluation coefficient rows; history columns are in lag order (lag 0 = newest)."""

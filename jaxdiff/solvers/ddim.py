@@ -40,7 +40,7 @@ class DDIM(Solver):
         return self.eta > 0
 
     def layout(self, num_steps: int) -> Layout:
-        return Layout(num_evals=num_steps, history=1, uses_anchor=False, step_end=(True,) * num_steps)
+        return Layout.multistep(num_steps, 1)
 
     def coefficients(self, schedule, ts) -> Coefficients:
         g = grid(schedule, ts)

@@ -65,7 +65,7 @@ class DEIS(Solver):
         return self.order
 
     def layout(self, num_steps: int) -> Layout:
-        return Layout(num_evals=num_steps, history=self.order, uses_anchor=False, step_end=(True,) * num_steps)
+        return Layout.multistep(num_steps, self.order)
 
     def coefficients(self, schedule, ts) -> Coefficients:
         g = grid(schedule, ts)

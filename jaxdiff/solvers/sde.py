@@ -50,7 +50,7 @@ class DPMSolverPPSDE(Solver):
         return self.order
 
     def layout(self, num_steps: int) -> Layout:
-        return Layout(num_evals=num_steps, history=self.order, uses_anchor=False, step_end=(True,) * num_steps)
+        return Layout.multistep(num_steps, self.order)
 
     def coefficients(self, schedule, ts) -> Coefficients:
         g = grid(schedule, ts)
@@ -89,7 +89,7 @@ class EulerMaruyama(Solver):
     order = 1
 
     def layout(self, num_steps: int) -> Layout:
-        return Layout(num_evals=num_steps, history=1, uses_anchor=False, step_end=(True,) * num_steps)
+        return Layout.multistep(num_steps, 1)
 
     def coefficients(self, schedule, ts) -> Coefficients:
         s_t = ts[:-1]
