@@ -7,6 +7,7 @@
 """
 
 from jaxdiff import smc, testing
+from jaxdiff.adjoint import AdjointDPM, Backprop
 from jaxdiff.models import CFG, PREDICTIONS, Denoiser, DynamicThreshold
 from jaxdiff.sample import integrate, nfe, sample
 from jaxdiff.schedules import EDM, VE, RectifiedFlow, Schedule, VPCosine, VPDiscrete, VPLinear
