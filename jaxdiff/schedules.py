@@ -14,6 +14,7 @@ into sigma = 0 specially and never compute through infinities.
 
 from __future__ import annotations
 
+import abc
 import math
 
 import jax
@@ -34,17 +35,20 @@ def _safe_log1mexp(a):
     return jnp.where(a < 0, out, -jnp.inf)
 
 
-class Schedule(struct.PyTreeNode):
+class Schedule(struct.PyTreeNode, metaclass=abc.ABCMeta):
     """Base class. Subclasses define ``log_alpha``, ``log_sigma`` and ``t_of_lambda``."""
 
+    @abc.abstractmethod
     def log_alpha(self, t):
-        raise NotImplementedError
+        """log alpha_t."""
 
+    @abc.abstractmethod
     def log_sigma(self, t):
-        raise NotImplementedError
+        """log sigma_t (-inf at t = 0)."""
 
+    @abc.abstractmethod
     def t_of_lambda(self, lam):
-        raise NotImplementedError
+        """Inverse of ``lambda_``."""
 
     def alpha(self, t):
         return jnp.exp(self.log_alpha(t))

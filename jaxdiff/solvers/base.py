@@ -20,6 +20,7 @@ lower-order final steps and the step into sigma = 0 are just different rows; the
 
 from __future__ import annotations
 
+import abc
 import dataclasses
 from typing import ClassVar, NamedTuple
 
@@ -89,7 +90,7 @@ def step_orders(num_steps: int, order: int, lower_order_final) -> np.ndarray:
     return orders
 
 
-class Solver:
+class Solver(abc.ABC):
     """Base class: subclasses are frozen dataclasses of static configuration.
 
     Class attributes:
@@ -100,11 +101,13 @@ class Solver:
     prediction: ClassVar[str] = "data"
     stochastic: ClassVar[bool] = False
 
+    @abc.abstractmethod
     def layout(self, num_steps: int) -> Layout:
-        raise NotImplementedError
+        """Static shape of a run on ``num_steps`` steps."""
 
+    @abc.abstractmethod
     def coefficients(self, schedule, ts) -> Coefficients:
-        raise NotImplementedError
+        """Coefficient rows for the grid ``ts`` (lag-ordered history columns)."""
 
     def min_steps(self) -> int:
         """Smallest grid this solver accepts."""
