@@ -14,6 +14,8 @@ model reads its parameters from ``args``, so gradients flow to them like to netw
 
 from __future__ import annotations
 
+import abc
+
 import jax
 import jax.numpy as jnp
 from flax import struct
@@ -41,9 +43,10 @@ def from_x0_eps(schedule: Schedule, t, x, x0, eps, prediction: str):
     raise ValueError(f"Unknown `prediction={prediction!r}`.")
 
 
-class _Analytic(struct.PyTreeNode):
+class _Analytic(struct.PyTreeNode, metaclass=abc.ABCMeta):
+    @abc.abstractmethod
     def x0_eps(self, schedule: Schedule, x, t):
-        raise NotImplementedError
+        """Exact (E[x0 | x_t = x], E[eps | x_t = x])."""
 
     def denoiser(self, schedule: Schedule, prediction: str = "epsilon", **kwargs) -> Denoiser:
         """A Denoiser whose model is exact; pass the model (``self`` or a modified copy) as ``args``."""
