@@ -5,15 +5,19 @@
   the step-size arithmetic bfloat16.
 * ``check_betas``: construction-time validation of a ``(beta1, beta2)`` pair.
 * ``check_update_args``: trace-time validation of ``update(updates, state, params)``.
-* ``commit``: the skip-on-non-finite rule. A step whose global statistics (the
+* ``Gate`` and ``commit``: the skip rule. A step whose global statistics (the
   numerator/denominator sums of the d estimate, which every coordinate of the gradient
   enters) are NaN/Inf is dropped: zero updates, state unchanged but for ``num_nonfinite``.
-  The test costs nothing extra, because those sums are needed anyway.
+  The test costs nothing extra, because those sums are needed anyway. The rule is folded
+  into the step's arithmetic (decays become 1, the gradient 0), not applied by selecting
+  between old and new state afterwards: each state leaf is then read and written once, in
+  place, and a skipped step is the identity exactly. (The select form made XLA keep a copy
+  of every moment buffer, 2.6x slower than ``optax.contrib.prodigy`` on a 10M-parameter CPU step.)
 """
 
 from __future__ import annotations
 
-from typing import Any, Callable
+from typing import Any, Callable, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -64,30 +68,55 @@ def check_update_args(name: str, updates: Any, params: Any, ref: Any, ref_name: 
     _tree.check_same_structure("params", params, ref_name, ref)
 
 
-def commit(ok: jax.Array, updates: Any, stepped: Any, state: Any, active: jax.Array | None = None) -> tuple[Any, Any]:
-    """Apply the skip rules to a stepped state, in one select per changed leaf.
+class Gate(NamedTuple):
+    """Whether a step is applied, for building its state updates so that a skip is the identity.
 
-    ``ok`` false (non-finite statistics): zero updates, ``state`` kept, ``num_nonfinite + 1``.
-    ``active`` false (learning rate 0, or no gradient signal yet): zero updates, ``state``
-    kept but ``count`` advanced. Leaves the step passes through unchanged (``x0``) are
-    returned as they are, so they cost no memory traffic.
+    ``ok``: the step's statistics are finite. ``take``: ``ok`` and the step is active (a
+    learning rate of 0, or no gradient signal yet, leaves the state as it is but advances
+    ``count``). Write a moment update as ``gate.decay(b) * x + c * gate.mask(g)``: with
+    ``take`` false it returns ``x`` exactly, even when ``g`` holds NaN/Inf.
     """
-    take = ok if active is None else ok & active
+
+    ok: jax.Array
+    take: jax.Array
+
+    @classmethod
+    def of(cls, ok: jax.Array, active: jax.Array | None = None) -> "Gate":
+        return cls(ok, ok if active is None else ok & active)
+
+    def decay(self, b):
+        """``b`` when the step is taken, else 1."""
+        return jnp.where(self.take, b, 1)  # keeps a Python float weakly typed
+
+    def mask(self, x):
+        """``x`` when the step is taken, else zeros (a leaf or a pytree)."""
+        return jax.tree.map(lambda a: jnp.where(self.take, a, jnp.zeros_like(a)), x)
+
+
+def commit(gate: Gate, updates: Any, stepped: Any, state: Any, gated: tuple[str, ...] = ()) -> tuple[Any, Any]:
+    """Apply the skip rule to a stepped state: masked updates, kept scalars, counters.
+
+    Fields named in ``gated`` were built with ``gate`` (so they already equal the old state
+    on a skip) and are taken as they are; so are leaves the step passed through unchanged
+    (``x0``). Every other field is selected leafwise, which costs a copy of the old buffer:
+    use it only for scalars. ``count`` advances when ``gate.ok``; ``num_nonfinite`` when not.
+    """
 
     def pick(new, old):
-        return jax.tree.map(lambda a, b: a if a is b else jnp.where(take, a, b), new, old)
+        return jax.tree.map(lambda a, b: a if a is b else jnp.where(gate.take, a, b), new, old)
 
     fields = {}
     for name in state._fields:
         new, old = getattr(stepped, name), getattr(state, name)
         if name == "count":
-            fields[name] = jnp.where(ok, new, old)
+            fields[name] = jnp.where(gate.ok, new, old)
         elif name == "num_nonfinite":
-            fields[name] = jnp.where(ok, old, optax.safe_increment(old))
+            fields[name] = jnp.where(gate.ok, old, optax.safe_increment(old))
+        elif name in gated:
+            fields[name] = new
         else:
             fields[name] = pick(new, old)
-    new_updates = jax.tree.map(lambda u: jnp.where(take, u, jnp.zeros_like(u)), updates)
-    return new_updates, type(state)(**fields)
+    return gate.mask(updates), type(state)(**fields)
 
 
 def is_static_zero(x) -> bool:

@@ -45,15 +45,25 @@ def pmin(x, axis_name: AxisName):
     return x if axis_name is None else jax.lax.pmin(x, axis_name)
 
 
-def tree_reduce_sum(fn: Callable[..., jax.Array], *trees: Any, axis_name: AxisName = None) -> jax.Array:
+def tree_reduce_sum(fn: Callable[..., Any], *trees: Any, axis_name: AxisName = None) -> jax.Array:
     """sum over leaves of ``sum(fn(*leaves))`` in the accumulation dtype, then ``psum``.
 
-    Several scalar reductions can be fused by returning a stacked array from ``fn``: the
-    sum is then taken over all axes but the last.
+    ``fn`` may return a tuple of k arrays: the result is then the k sums (sibling reductions, which XLA may fuse).
     """
     leaves = [jax.tree.leaves(t) for t in trees]
-    parts = [jnp.sum(_acc(fn(*ls))) for ls in zip(*leaves)]
-    total = sum(parts) if parts else jnp.zeros((), accumulation_dtype())
+
+    def part(*ls):
+        out = fn(*ls)
+        if not isinstance(out, tuple):
+            return jnp.sum(_acc(out))
+        return jnp.stack([jnp.sum(_acc(o)) for o in out])
+
+    parts = [part(*ls) for ls in zip(*leaves)]
+    if parts:
+        total = sum(parts)
+    else:
+        probe = jax.eval_shape(fn, *[jnp.zeros(()) for _ in trees]) if trees else None
+        total = jnp.zeros((len(probe),) if isinstance(probe, tuple) else (), accumulation_dtype())
     return psum(jnp.asarray(total, accumulation_dtype()), axis_name)
 
 

@@ -90,19 +90,15 @@ def cocob(
 
     def leaf(g, w, w1, theta, big_l, big_g, r):
         ok = jnp.isfinite(g)
-        g = jnp.where(ok, g, 0)
+        g = jnp.where(ok, g, 0)  # a zero gradient leaves theta, L, G and r (>= 0) as they are
         big_l_new = jnp.maximum(big_l, jnp.abs(g))
         big_g_new = big_g + jnp.abs(g)
         r_new = jnp.maximum(r - g * (w - w1), 0)
         theta_new = theta - g
         bet = theta_new / (big_l_new * jnp.maximum(big_g_new + big_l_new, alpha * big_l_new)) * (big_l_new + r_new)
         u = jnp.where(ok, (w1 - w) + bet, 0)
-
-        def keep(new, old):
-            return jnp.where(ok, new, old).astype(old.dtype)
-
-        return (u.astype(w.dtype), keep(theta_new, theta), keep(big_l_new, big_l), keep(big_g_new, big_g),
-                keep(r_new, r))
+        return tuple(x.astype(o.dtype) for x, o in
+                     ((u, w), (theta_new, theta), (big_l_new, big_l), (big_g_new, big_g), (r_new, r)))
 
     def update_fn(updates, state, params=None):
         check_update_args("cocob", updates, params, state.params0, "the params given to `init`")

@@ -31,6 +31,7 @@ from optim._lrfree import (
     check_betas,
     check_growth_rate,
     check_update_args,
+    Gate,
     commit,
     is_static_zero,
     learning_rate_at,
@@ -87,10 +88,6 @@ def _zeros(params):
 def _copy(params):
     """A fresh copy, so params and state never share a buffer (both can be donated)."""
     return jax.tree.map(jnp.copy, params)
-
-
-def _scalars(*xs):
-    return jnp.stack([jnp.asarray(x, _tree.accumulation_dtype()) for x in xs])
 
 
 # ----------------------------------------------------------------------------- Adam
@@ -193,17 +190,23 @@ def dadapt_adam(
         if coupled:
             grads = jax.tree.map(lambda g, p: g + weight_decay * p, grads, params)
 
-        num = _tree.tree_reduce_sum(lambda g, s, v: g * (s / (jnp.sqrt(v) + eps)), grads, state.grad_sum,
-                                    state.exp_avg_sq)
-        exp_avg = jax.tree.map(lambda m, g: (b1 * m + (dlr * (1 - b1)) * g).astype(m.dtype), state.exp_avg, grads)
-        exp_avg_sq = jax.tree.map(lambda v, g: (b2 * v + (1 - b2) * jnp.square(g)).astype(v.dtype),
-                                  state.exp_avg_sq, grads)
-        grad_sum = jax.tree.map(lambda s, g: (sb2 * s + (dlr * (1 - sb2)) * g).astype(s.dtype), state.grad_sum, grads)
-        num, sk_l1 = _tree.psum(_scalars(dlr * num, _tree.tree_l1(grad_sum)), axis_name)
-        numerator_weighted = sb2 * state.numerator_weighted + (1 - sb2) * num
-        finite = jnp.isfinite(numerator_weighted) & jnp.isfinite(sk_l1)
+        # <g, s / (sqrt(v) + eps)> with the old s, v, and ||s_new||_1, in one pass
+        num, sk_l1 = _tree.tree_reduce_sum(
+            lambda g, s, v: (g * (s / (jnp.sqrt(v) + eps)), jnp.abs((sb2 * s + (dlr * (1 - sb2)) * g).astype(s.dtype))),
+            grads, state.grad_sum, state.exp_avg_sq, axis_name=axis_name,
+        )
+        numerator_weighted = sb2 * state.numerator_weighted + (1 - sb2) * dlr * num
+        # lr == 0 or no gradient signal yet: the reference returns before changing anything
         active = (lr > 0) & (sk_l1 > 0)
+        gate = Gate.of(jnp.isfinite(numerator_weighted) & jnp.isfinite(sk_l1), active)
         d_new = _grow(d, _safe_div(numerator_weighted, (1 - sb2) * sk_l1), growth_rate, active)
+        grads = gate.mask(grads)
+        exp_avg = jax.tree.map(lambda m, g: (gate.decay(b1) * m + (dlr * (1 - b1)) * g).astype(m.dtype),
+                               state.exp_avg, grads)
+        exp_avg_sq = jax.tree.map(lambda v, g: (gate.decay(b2) * v + (1 - b2) * jnp.square(g)).astype(v.dtype),
+                                  state.exp_avg_sq, grads)
+        grad_sum = jax.tree.map(lambda s, g: (gate.decay(sb2) * s + (dlr * (1 - sb2)) * g).astype(s.dtype),
+                                state.grad_sum, grads)
 
         def leaf_update(m, v, p):
             out = -m / (jnp.sqrt(v) + eps)
@@ -214,8 +217,7 @@ def dadapt_adam(
         new_updates = jax.tree.map(leaf_update, exp_avg, exp_avg_sq, params)
         count = optax.safe_increment(state.count)
         stepped = DAdaptAdamState(count, state.num_nonfinite, d_new, numerator_weighted, exp_avg, exp_avg_sq, grad_sum)
-        # lr == 0 or no gradient signal yet: the reference returns before changing anything
-        return commit(finite, new_updates, stepped, state, active)
+        return commit(gate, new_updates, stepped, state, gated=("exp_avg", "exp_avg_sq", "grad_sum"))
 
     return optax.GradientTransformation(init_fn, update_fn)
 
@@ -297,21 +299,22 @@ def dadapt_sgd(
         grads = updates
         if coupled:
             grads = jax.tree.map(lambda g, p: g + weight_decay * p, grads, params)
-        num = _tree.tree_vdot(grads, state.grad_sum)
-        grad_sum = jax.tree.map(lambda s, g: (s + dlr * g).astype(s.dtype), state.grad_sum, grads)
-        num, sk_sq = _tree.psum(_scalars(num, _tree.tree_norm_sq(grad_sum)), axis_name)
+        num, sk_sq = _tree.tree_reduce_sum(
+            lambda g, s: (g * s, jnp.square((s + dlr * g).astype(s.dtype))), grads, state.grad_sum, axis_name=axis_name
+        )
         numerator_weighted = state.numerator_weighted + dlr * num
-        finite = jnp.isfinite(numerator_weighted) & jnp.isfinite(sk_sq)
+        # lr == 0 or no gradient signal yet: the reference returns before changing anything
         active = (sk_sq > 0) & (lr > 0)
+        gate = Gate.of(jnp.isfinite(numerator_weighted) & jnp.isfinite(sk_sq), active)
         d_new = _grow(d, _safe_div(2 * numerator_weighted, jnp.sqrt(sk_sq)), growth_rate, active)
+        grad_sum = jax.tree.map(lambda s, g: (s + dlr * g).astype(s.dtype), state.grad_sum, gate.mask(grads))
         new_updates = jax.tree.map(
             lambda x0, s, p: ((1 - momentum) * ((x0 - p) - s)).astype(p.dtype), state.params0, grad_sum, params
         )
         count = optax.safe_increment(state.count)
         stepped = DAdaptSGDState(count, state.num_nonfinite, d_new, numerator_weighted, g0_norm, grad_sum,
                                  state.params0)
-        # lr == 0 or no gradient signal yet: the reference returns before changing anything
-        return commit(finite, new_updates, stepped, state, active)
+        return commit(gate, new_updates, stepped, state, gated=("grad_sum",))
 
     return optax.GradientTransformation(init_fn, update_fn)
 
@@ -400,32 +403,27 @@ def dadapt_adagrad(
         grads = updates
         if coupled:
             grads = jax.tree.map(lambda g, p: g + weight_decay * p, grads, params)
+
+        def sums(g, a, s):  # with the new alpha and s
+            a, s = (a + jnp.square(g)).astype(a.dtype), (s + dlr * g).astype(s.dtype)
+            return jnp.square(g) / (jnp.sqrt(a) + eps), jnp.square(s) / (jnp.sqrt(a) + eps), jnp.abs(s)
+
+        g_sq, sk_sq, sk_l1 = _tree.tree_reduce_sum(sums, grads, state.alpha, state.grad_sum, axis_name=axis_name)
+        gsq_weighted = state.gsq_weighted + dlr * dlr * g_sq
+        # lr == 0 or no gradient signal yet: the reference returns before changing anything
+        active = sk_l1 > 0
+        gate = Gate.of(jnp.isfinite(gsq_weighted) & jnp.isfinite(sk_sq) & jnp.isfinite(sk_l1), active)
+        d_new = _grow(d, _safe_div(sk_sq - gsq_weighted, sk_l1), growth_rate, active & (lr > 0))
+        grads = gate.mask(grads)
         alpha = jax.tree.map(lambda a, g: (a + jnp.square(g)).astype(a.dtype), state.alpha, grads)
         grad_sum = jax.tree.map(lambda s, g: (s + dlr * g).astype(s.dtype), state.grad_sum, grads)
-
-        def weighted(x, a):
-            return jnp.square(x) / (jnp.sqrt(a) + eps)
-
-        g_sq, sk_sq, sk_l1 = _tree.psum(
-            _scalars(
-                _tree.tree_reduce_sum(weighted, grads, alpha),
-                _tree.tree_reduce_sum(weighted, grad_sum, alpha),
-                _tree.tree_l1(grad_sum),
-            ),
-            axis_name,
-        )
-        gsq_weighted = state.gsq_weighted + dlr * dlr * g_sq
-        finite = jnp.isfinite(gsq_weighted) & jnp.isfinite(sk_sq) & jnp.isfinite(sk_l1)
-        active = sk_l1 > 0
-        d_new = _grow(d, _safe_div(sk_sq - gsq_weighted, sk_l1), growth_rate, active & (lr > 0))
         new_updates = jax.tree.map(
             lambda x0, s, a, p: ((1 - momentum) * ((x0 - p) - s / (jnp.sqrt(a) + eps))).astype(p.dtype),
             state.params0, grad_sum, alpha, params,
         )
         count = optax.safe_increment(state.count)
         stepped = DAdaptAdaGradState(count, state.num_nonfinite, d_new, gsq_weighted, alpha, grad_sum, state.params0)
-        # lr == 0 or no gradient signal yet: the reference returns before changing anything
-        return commit(finite, new_updates, stepped, state, active)
+        return commit(gate, new_updates, stepped, state, gated=("alpha", "grad_sum"))
 
     return optax.GradientTransformation(init_fn, update_fn)
 
@@ -508,14 +506,16 @@ def dadapt_lion(
         dlr = d * lr
         direction = jax.tree.map(lambda m, g: jnp.sign(b1 * m + (1 - b1) * g), state.exp_avg, updates)
         # `0 * g` is 0 for a finite g and NaN otherwise: sign() would hide an Inf gradient
-        num = _tree.tree_reduce_sum(lambda u, s, g: u * s + 0 * g, direction, state.grad_sum, updates)
-        exp_avg = jax.tree.map(lambda m, g: (b2 * m + ((1 - b2) * dlr) * g).astype(m.dtype), state.exp_avg, updates)
-        grad_sum = jax.tree.map(
-            lambda s, u: (sb2 * s + ((1 - sb2) * dlr) * u).astype(s.dtype), state.grad_sum, direction
+        num, sk_l1 = _tree.tree_reduce_sum(
+            lambda u, s, g: (u * s + 0 * g, jnp.abs((sb2 * s + ((1 - sb2) * dlr) * u).astype(s.dtype))),
+            direction, state.grad_sum, updates, axis_name=axis_name,
         )
-        num, sk_l1 = _tree.psum(_scalars(dlr * num, _tree.tree_l1(grad_sum)), axis_name)
-        numerator_weighted = sb2 * state.numerator_weighted + (1 - sb2) * num
-        finite = jnp.isfinite(numerator_weighted) & jnp.isfinite(sk_l1)
+        numerator_weighted = sb2 * state.numerator_weighted + (1 - sb2) * dlr * num
+        gate = Gate.of(jnp.isfinite(numerator_weighted) & jnp.isfinite(sk_l1))
+        exp_avg = jax.tree.map(lambda m, g: (gate.decay(b2) * m + ((1 - b2) * dlr) * g).astype(m.dtype),
+                               state.exp_avg, gate.mask(updates))
+        grad_sum = jax.tree.map(lambda s, u: (gate.decay(sb2) * s + ((1 - sb2) * dlr) * u).astype(s.dtype),
+                                state.grad_sum, gate.mask(direction))
         # the reference updates x, m and s before it returns on ||s||_1 == 0; only n and d wait
         has_signal = sk_l1 > 0
         numerator_weighted = jnp.where(has_signal, numerator_weighted, state.numerator_weighted)
@@ -533,6 +533,6 @@ def dadapt_lion(
         stepped = DAdaptLionState(
             optax.safe_increment(state.count), state.num_nonfinite, d_new, numerator_weighted, exp_avg, grad_sum
         )
-        return commit(finite, new_updates, stepped, state)
+        return commit(gate, new_updates, stepped, state, gated=("exp_avg", "grad_sum"))
 
     return optax.GradientTransformation(init_fn, update_fn)

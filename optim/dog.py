@@ -27,7 +27,7 @@ import jax.numpy as jnp
 import optax
 
 from optim import _tree
-from optim._lrfree import check_update_args, commit, is_static_zero, learning_rate_at
+from optim._lrfree import Gate, check_update_args, commit, is_static_zero, learning_rate_at
 from optim._validate import check_nonnegative, check_positive
 
 ScalarOrSchedule = float | jax.Array | Callable[[jax.Array], jax.Array]
@@ -135,7 +135,7 @@ def _build(
         stepped = DoGState(
             optax.safe_increment(state.count), state.num_nonfinite, state.init_params, rbar, grad_sum
         )
-        return commit(finite, new_updates, stepped, state)
+        return commit(Gate.of(finite), new_updates, stepped, state)
 
     return optax.GradientTransformation(init_fn, update_fn)
 

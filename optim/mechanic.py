@@ -24,7 +24,7 @@ import jax.numpy as jnp
 import optax
 
 from optim import _tree
-from optim._lrfree import check_update_args, commit
+from optim._lrfree import Gate, check_update_args, commit
 from optim._validate import _concrete, check_nonnegative, check_positive
 
 _M_INIT = 1e-6  # mechanic-pytorch's initial max_product: makes s > 0 after the first step
@@ -125,18 +125,12 @@ def mechanize(
     def update_fn(updates, state, params=None, **extra_args):
         check_update_args("mechanize", updates, params, state.x_ref, "the params given to `init`")
         acc = _tree.accumulation_dtype()
-        base_updates, base_state = base.update(updates, state.base_state, params, **extra_args)
         beta = jnp.asarray(betas, acc)
         s_sum = jnp.sum(state.s)
-        # <x - x_ref, g>, <x - x_ref, x>, ||g||^2, ||x||^2 in one fused pass and one psum
-        sums = _tree.psum(
-            jnp.stack([
-                _tree.tree_reduce_sum(lambda x, x0, g: (x - x0) * g, params, state.x_ref, updates),
-                _tree.tree_reduce_sum(lambda x, x0: (x - x0) * x, params, state.x_ref),
-                _tree.tree_norm_sq(updates),
-                _tree.tree_norm_sq(params),
-            ]),
-            axis_name,
+        # <x - x_ref, g>, <x - x_ref, x>, ||g||^2, ||x||^2 in one call and one psum
+        sums = _tree.tree_reduce_sum(
+            lambda x, x0, g: ((x - x0) * g, (x - x0) * x, jnp.square(g), jnp.square(x)),
+            params, state.x_ref, updates, axis_name=axis_name,
         )
         scale = s_sum + eps
         decay = weight_decay * s_sum * jnp.sqrt(sums[2]) / (jnp.sqrt(sums[3]) + eps)
@@ -146,12 +140,23 @@ def mechanize(
         r = jnp.maximum(0.0, beta * state.r - state.s * h)
         s = (s_init / n * m + r) / (jnp.sqrt(v) + eps)
         new_sum = jnp.sum(s)
-        new_updates = jax.tree.map(
-            lambda x, x0, u: ((x0 - x) + new_sum * ((x - x0) / scale + u)).astype(x.dtype),
-            params, state.x_ref, base_updates,
-        )
+        gate = Gate.of(jnp.isfinite(h))
+
+        def step():
+            base_updates, base_state = base.update(updates, state.base_state, params, **extra_args)
+            new_updates = jax.tree.map(
+                lambda x, x0, u: ((x0 - x) + new_sum * ((x - x0) / scale + u)).astype(x.dtype),
+                params, state.x_ref, base_updates,
+            )
+            return new_updates, base_state
+
+        def skip():
+            return jax.tree.map(jnp.zeros_like, params), state.base_state
+
+        # the base state is the base's own: skip its step by a branch, not a select (which costs a copy)
+        new_updates, base_state = jax.lax.cond(gate.take, step, skip)
         stepped = MechanicState(optax.safe_increment(state.count), state.num_nonfinite, base_state, state.x_ref,
                                 s, m, v, r)
-        return commit(jnp.isfinite(h), new_updates, stepped, state)
+        return commit(gate, new_updates, stepped, state, gated=("base_state",))
 
     return optax.GradientTransformationExtraArgs(init_fn, update_fn)

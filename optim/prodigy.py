@@ -28,6 +28,7 @@ from optim._lrfree import (
     check_betas,
     check_growth_rate,
     check_update_args,
+    Gate,
     commit,
     is_static_zero,
     learning_rate_at,
@@ -194,24 +195,32 @@ def prodigy(
 
         ratio = d / d_init
         s_coef = ratio * (d if safeguard_warmup else dlr)
-        grad_sum = jax.tree.map(lambda s, g: (b3 * s + s_coef * sl(g)).astype(s.dtype), state.grad_sum, grads)
-        num = _tree.tree_reduce_sum(lambda g, p, p0: sl(g) * (p0 - sl(p)), grads, params, state.params0)
-        sums = _tree.psum(jnp.stack([ratio * dlr * num, _tree.tree_l1(grad_sum)]), axis_name)
+        # <g, x0 - x> and ||b3 s + s_coef g||_1 in one pass over g
+        sums = _tree.tree_reduce_sum(
+            lambda g, p, p0, s: (sl(g) * (p0 - sl(p)), jnp.abs((b3 * s + s_coef * sl(g)).astype(s.dtype))),
+            grads, params, state.params0, state.grad_sum, axis_name=axis_name,
+        )
+        sums = sums.at[0].multiply(ratio * dlr)
         d_numerator = b3 * state.d_numerator + sums[0]
         denom = sums[1]
-        finite = jnp.isfinite(d_numerator) & jnp.isfinite(denom)
-        active = (lr > 0) & (denom > 0)
+        # lr == 0 (or no gradient signal yet): the reference returns before touching anything
+        gate = Gate.of(jnp.isfinite(d_numerator) & jnp.isfinite(denom), (lr > 0) & (denom > 0))
 
         d_hat = d_coef * d_numerator / jnp.where(denom > 0, denom, 1)
         d_new = jnp.where(d == d_init, jnp.maximum(d, d_hat), d)
         d_max = jnp.maximum(state.d_max, d_hat)
         d_new = jnp.minimum(d_max, d_new * growth_rate)
 
+        grads = gate.mask(grads)
+        grad_sum = jax.tree.map(lambda s, g: (gate.decay(b3) * s + s_coef * sl(g)).astype(s.dtype), state.grad_sum,
+                                grads)
         exp_avg_sq = jax.tree.map(
-            lambda v_, g: (b2 * v_ + (d * d * (1 - b2)) * jnp.square(g)).astype(v_.dtype), state.exp_avg_sq, grads
+            lambda v_, g: (gate.decay(b2) * v_ + (d * d * (1 - b2)) * jnp.square(g)).astype(v_.dtype),
+            state.exp_avg_sq, grads,
         )
         if use_m:
-            exp_avg = jax.tree.map(lambda m, g: (b1 * m + (d * (1 - b1)) * g).astype(m.dtype), state.exp_avg, grads)
+            exp_avg = jax.tree.map(lambda m, g: (gate.decay(b1) * m + (d * (1 - b1)) * g).astype(m.dtype),
+                                   state.exp_avg, grads)
             direction = exp_avg
             step = dlr
         else:
@@ -227,7 +236,6 @@ def prodigy(
         count = optax.safe_increment(state.count)
         stepped = ProdigyState(count, state.num_nonfinite, d_new, d_max, d_numerator, exp_avg, exp_avg_sq, grad_sum,
                                state.params0)
-        # lr == 0 (or no gradient signal yet): the reference returns before touching anything
-        return commit(finite, new_updates, stepped, state, active)
+        return commit(gate, new_updates, stepped, state, gated=("exp_avg", "exp_avg_sq", "grad_sum"))
 
     return optax.GradientTransformation(init_fn, update_fn)

@@ -37,7 +37,7 @@ import jax.numpy as jnp
 import optax
 
 from optim import _tree
-from optim._lrfree import check_update_args, commit, is_static_zero, learning_rate_at
+from optim._lrfree import Gate, check_update_args, commit, is_static_zero, learning_rate_at
 from optim._validate import check_nonnegative, check_nonnegative_int, check_open_unit, check_positive
 
 ScalarOrSchedule = float | jax.Array | Callable[[jax.Array], jax.Array]
@@ -103,9 +103,10 @@ def _schedule_free_core(name, direction, init_inner, learning_rate, b1, r, weigh
                         state_dtype, axis_name):
     """Shared y/z/x recursion of the fused SGD/AdamW/RAdam variants.
 
-    ``direction(grads, params, inner, count) -> (ghat, lr_factor, inner)`` returns the
+    ``direction(grads, params, inner, count, gate) -> (ghat, lr_factor, inner)`` returns the
     normalised gradient (weight decay at y included) and a step-size factor (RAdam's
-    rectification, 1 otherwise).
+    rectification, 1 otherwise); ``grads`` arrive masked by ``gate`` and ``inner`` must be
+    built with it (see ``optim._lrfree.Gate``), so that a skipped step leaves it as it is.
     """
     acc = _tree.accumulation_dtype()
 
@@ -126,7 +127,9 @@ def _schedule_free_core(name, direction, init_inner, learning_rate, b1, r, weigh
         lr = learning_rate_at(learning_rate, k)
         if not is_static_zero(warmup_steps):
             lr = lr * jnp.minimum((k + 1).astype(acc) / warmup_steps, 1)
-        ghat, factor, inner = direction(updates, params, state.inner, k)
+        gate = Gate.of(jnp.isfinite(_tree.tree_norm_sq(updates, axis_name)))
+        ghat, factor, inner = direction(gate.mask(updates), params, state.inner, k, gate)
+        ghat = gate.mask(ghat)  # weight decay at y would move z on a skipped step
         lr = lr * factor
         ckp1, lr_max, weight_sum = _averaging_weight(state, lr, r, weight_lr_power)
         y_coef = lr * (b1 * (1 - ckp1) - 1)
@@ -139,8 +142,7 @@ def _schedule_free_core(name, direction, init_inner, learning_rate, b1, r, weigh
         stepped = ScheduleFreeState(
             optax.safe_increment(k), state.num_nonfinite, state.b1, weight_sum, lr_max, z, inner
         )
-        ok = jnp.isfinite(_tree.tree_norm_sq(updates, axis_name))
-        return commit(ok, new_updates, stepped, state)
+        return commit(gate, new_updates, stepped, state, gated=("z", "inner"))
 
     return optax.GradientTransformation(init_fn, update_fn)
 
@@ -202,7 +204,7 @@ def schedule_free_sgd(
     check_nonnegative_int("warmup_steps", warmup_steps)
     decay = _decay_at_y(weight_decay)
 
-    def direction(grads, params, inner, k):
+    def direction(grads, params, inner, k, gate):
         return decay(grads, params), 1.0, inner
 
     return _schedule_free_core(
@@ -265,8 +267,8 @@ def schedule_free_adamw(
     decay = _decay_at_y(weight_decay)
     acc = _tree.accumulation_dtype()
 
-    def direction(grads, params, nu, k):
-        nu = jax.tree.map(lambda v, g: (b2 * v + (1 - b2) * g * g).astype(v.dtype), nu, grads)
+    def direction(grads, params, nu, k, gate):
+        nu = jax.tree.map(lambda v, g: (gate.decay(b2) * v + (1 - b2) * g * g).astype(v.dtype), nu, grads)
         bc2 = 1 - jnp.power(jnp.asarray(b2, acc), (k + 1).astype(acc))
         ghat = jax.tree.map(lambda g, v: g / (jnp.sqrt(v / bc2) + eps), grads, nu)
         return decay(ghat, params), 1.0, nu
@@ -323,8 +325,8 @@ def schedule_free_radam(
     acc = _tree.accumulation_dtype()
     rho_inf = 2 / (1 - b2) - 1
 
-    def direction(grads, params, nu, k):
-        nu = jax.tree.map(lambda v, g: (b2 * v + (1 - b2) * g * g).astype(v.dtype), nu, grads)
+    def direction(grads, params, nu, k, gate):
+        nu = jax.tree.map(lambda v, g: (gate.decay(b2) * v + (1 - b2) * g * g).astype(v.dtype), nu, grads)
         step = (k + 1).astype(acc)
         b2t = jnp.power(jnp.asarray(b2, acc), step)
         bc2 = 1 - b2t
@@ -409,20 +411,28 @@ def schedule_free(
             z = jax.tree.map(lambda zi, yi: (zi - lr * weight_decay_at_y * yi).astype(zi.dtype), z, y)
             y = jax.tree.map(lambda yi: yi - lr * weight_decay_at_y * (1 - b1) * yi, y)
         x = jax.tree.map(lambda yi, zi: yi + (1 - 1 / b1) * (zi - yi), y, z)
-        base_updates, inner = optax.with_extra_args_support(base).update(updates, state.inner, z, **extra_args)
-        z = jax.tree.map(lambda zi, u: (zi + u).astype(zi.dtype), z, base_updates)
         ckp1, lr_max, weight_sum = _averaging_weight(state, lr, r, weight_lr_power)
 
-        def y_next(y0, xi, zi):
-            xi = xi + ckp1 * (zi - xi)
-            return (xi + (1 - b1) * (zi - xi) - y0).astype(y0.dtype)
+        def step():
+            base_updates, inner = optax.with_extra_args_support(base).update(updates, state.inner, z, **extra_args)
+            z_new = jax.tree.map(lambda zi, u: (zi + u).astype(zi.dtype), z, base_updates)
 
-        new_updates = jax.tree.map(y_next, params, x, z)
+            def y_next(y0, xi, zi):
+                xi = xi + ckp1 * (zi - xi)
+                return (xi + (1 - b1) * (zi - xi) - y0).astype(y0.dtype)
+
+            return jax.tree.map(y_next, params, x, z_new), z_new, inner
+
+        def skip():
+            return jax.tree.map(jnp.zeros_like, params), state.z, state.inner
+
+        # the base state is the base's own: skip its step by a branch, not a select (which costs a copy)
+        gate = Gate.of(jnp.isfinite(_tree.tree_norm_sq(updates, axis_name)))
+        new_updates, z, inner = jax.lax.cond(gate.take, step, skip)
         stepped = ScheduleFreeState(
             optax.safe_increment(k), state.num_nonfinite, state.b1, weight_sum, lr_max, z, inner
         )
-        ok = jnp.isfinite(_tree.tree_norm_sq(updates, axis_name))
-        return commit(ok, new_updates, stepped, state)
+        return commit(gate, new_updates, stepped, state, gated=("z", "inner"))
 
     return optax.GradientTransformationExtraArgs(init_fn, update_fn)
 
