@@ -272,6 +272,25 @@ def test_nonfinite_gradient_skips_the_step_and_is_counted(name):
         np.testing.assert_array_equal(a, b)
 
 
+@pytest.mark.parametrize("name", ["sgd", "adamw", "radam", "wrapper"])
+def test_without_the_nonfinite_check_steps_are_equal_and_nan_propagates(name):
+    make = {
+        "sgd": optim.schedule_free_sgd, "adamw": optim.schedule_free_adamw, "radam": optim.schedule_free_radam,
+        "wrapper": lambda **kw: optim.schedule_free(optax.adam(1e-2, b1=0.0), 1e-2, **kw),
+    }[name]
+    checked, unchecked = make(), make(skip_nonfinite=False)
+    params = jnp.array([1.0, -2.0, 0.5])
+    s1, s2, p1, p2 = checked.init(params), unchecked.init(params), params, params
+    for _ in range(8):
+        u1, s1 = checked.update(2 * p1 - 1, s1, p1)
+        u2, s2 = unchecked.update(2 * p2 - 1, s2, p2)
+        p1, p2 = p1 + u1, p2 + u2
+    np.testing.assert_array_equal(p1, p2)
+    np.testing.assert_array_equal(s1.z, s2.z)
+    _, s2 = unchecked.update(jnp.array([jnp.nan, 0.0, 0.0]), s2, p2)
+    assert int(s2.num_nonfinite) == 0 and bool(jnp.isnan(s2.z[0]))
+
+
 def test_inject_hyperparams_matches_and_does_not_recompile():
     params = jnp.array([1.0, -2.0, 0.5])
     kw = {"learning_rate": 0.01, "b1": 0.85, "weight_decay": 1e-2, "warmup_steps": 3, "r": 0.5}
