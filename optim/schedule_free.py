@@ -140,13 +140,15 @@ def _schedule_free_core(name, direction, init_inner, learning_rate, b1, r, weigh
         ghat = gate.mask(ghat)  # weight decay at y would move z on a skipped step
         lr = lr * factor
         ckp1, lr_max, weight_sum = _averaging_weight(state, lr, r, weight_lr_power)
-        y_coef = lr * (b1 * (1 - ckp1) - 1)
-
-        def y_step(y, z, g):  # y <- lerp(y, z, c) + lr (b1 (1 - c) - 1) ghat, as a difference
-            return (ckp1 * (z - y) + y_coef * g).astype(y.dtype)
-
-        new_updates = jax.tree.map(y_step, params, state.z, ghat)
         z = jax.tree.map(lambda z, g: (z - lr * g).astype(z.dtype), state.z, ghat)
+        y_coef = b1 * (1 - ckp1) - 1
+
+        # y <- lerp(y, z, c) + lr (b1 (1 - c) - 1) ghat as a difference, with lr ghat = z - z_new: reading
+        # z_new instead of ghat spares XLA materializing ghat for two consumers (one write, two reads)
+        def y_step(y, z_old, z_new):
+            return (ckp1 * (z_old - y) + y_coef * (z_old - z_new)).astype(y.dtype)
+
+        new_updates = jax.tree.map(y_step, params, state.z, z)
         stepped = ScheduleFreeState(
             optax.safe_increment(k), state.num_nonfinite, state.b1, weight_sum, lr_max, z, inner
         )
