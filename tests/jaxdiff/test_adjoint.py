@@ -87,48 +87,74 @@ def test_adjoint_order2_converges_to_closed_form():
     errs = {}
     for n in (20, 40, 100):
         ts = jd.timesteps(S, n)
-        errs[n] = rel(grads(GD.denoiser(S), ts, jd.DPMSolverPP(order=2), AdjointDPM(order=2)), closed_form(ts))
+        errs[n] = rel(grads(GD.denoiser(S), ts, jd.DPMSolverPP(order=2), AdjointDPM(order=2, corrector=False)), closed_form(ts))
     assert errs[20] <= 2e-2 and errs[100] <= 1e-3
     assert np.log2(errs[20] / errs[40]) > 1.6  # second order
 
 
 def test_adjoint_order3_converges_at_third_order():
-    errs = [rel(grads(GD.denoiser(S), jd.timesteps(S, n), jd.DPMSolverPP(order=3), AdjointDPM(order=3)), closed_form(jd.timesteps(S, n))) for n in (20, 40)]
+    errs = [rel(grads(GD.denoiser(S), jd.timesteps(S, n), jd.DPMSolverPP(order=3), AdjointDPM(order=3, corrector=False)), closed_form(jd.timesteps(S, n))) for n in (20, 40)]
     assert errs[0] < 5e-3
     assert np.log2(errs[0] / errs[1]) > 2.4
 
 
 def test_adjoint_order1_is_first_order():
-    errs = [rel(grads(GD.denoiser(S), jd.timesteps(S, n), jd.DDIM(), AdjointDPM(order=1)), closed_form(jd.timesteps(S, n))) for n in (40, 80)]
+    errs = [rel(grads(GD.denoiser(S), jd.timesteps(S, n), jd.DDIM(), AdjointDPM(order=1, corrector=False)), closed_form(jd.timesteps(S, n))) for n in (40, 80)]
     assert 0.8 < np.log2(errs[0] / errs[1]) < 1.3
+
+
+@pytest.mark.parametrize("order", [2, 3])
+def test_adjoint_corrector_raises_the_order_by_one(order):
+    """PEC Adams-Moulton corrector: order k predictor -> order k + 1 (the order-4 UniPC forward is not the limit)."""
+    slopes, last = {}, {}
+    for corrector in (False, True):
+        e = [rel(grads(GD.denoiser(S), jd.timesteps(S, n), jd.UniPC(order=3), AdjointDPM(order=order, corrector=corrector)), closed_form(jd.timesteps(S, n))) for n in (40, 80)]
+        slopes[corrector], last[corrector] = np.log2(e[0] / e[1]), e[1]
+    # measured: order 2: 1.96 -> 2.67 (1.6e-3 -> 1.3e-4 at 80 steps); order 3: 3.23 -> 4.43 (5.7e-5 -> 1.1e-5)
+    assert order - 0.2 < slopes[False] < order + 0.5
+    assert slopes[True] > order + 0.6
+    assert last[True] < last[False] / 4
+
+
+def test_adjoint_recommended_config_on_closed_form():
+    """UniPC(order=3) forward + the default AdjointDPM() (order 3 + corrector) on the benchmark's problem."""
+    gd = jd.testing.GaussianData(jnp.linspace(-1.0, 1.0, 8), jnp.linspace(0.5, 1.5, 8))
+    x, c = jnp.linspace(-1.5, 1.2, 8), jnp.full((8,), 0.3)
+    ref = jax.grad(lambda x, g: jnp.sum((g.flow(S, x, 0.9, 1e-3) - c) ** 2), argnums=(0, 1))(x, gd)
+    loss = lambda x0: jnp.sum((x0 - c) ** 2)  # noqa: E731
+    errs = {n: rel(grads(gd.denoiser(S), jd.timesteps(S, n, t_start=0.9, t_end=1e-3), jd.UniPC(order=3), AdjointDPM(), args=gd, x=x, loss=loss), ref) for n in (10, 20)}
+    # measured 8.1e-3 and 5.4e-4: 1e-2 with 21 model calls, 1e-3 with 41 (diffrax's best: 20 and 28)
+    assert errs[10] < 1e-2 and errs[20] < 1e-3
 
 
 @pytest.mark.parametrize("prediction", jd.PREDICTIONS)
 def test_adjoint_every_prediction_type(prediction):
     ts = jd.timesteps(S, 20)
-    assert rel(grads(GD.denoiser(S, prediction), ts, jd.DPMSolverPP(), AdjointDPM()), closed_form(ts)) < 2e-2
+    assert rel(grads(GD.denoiser(S, prediction), ts, jd.UniPC(order=3), AdjointDPM()), closed_form(ts)) < 1e-2
 
 
 def test_adjoint_store_trajectory_and_substeps():
     ts = jd.timesteps(S, 20)
     ref = closed_form(ts)
-    base = rel(grads(GD.denoiser(S), ts, jd.DPMSolverPP(), AdjointDPM()), ref)
-    stored = rel(grads(GD.denoiser(S), ts, jd.DPMSolverPP(), AdjointDPM(store_trajectory=True)), ref)
-    assert stored < 2e-2 and base < 2e-2
+    base = rel(grads(GD.denoiser(S), ts, jd.UniPC(order=3), AdjointDPM()), ref)
+    stored = rel(grads(GD.denoiser(S), ts, jd.UniPC(order=3), AdjointDPM(store_trajectory=True)), ref)
+    assert stored < 1e-2 and base < 1e-2
     # a first-order backward pass is refined by substeps until the 2M forward's error dominates
-    coarse = rel(grads(GD.denoiser(S), ts, jd.DPMSolverPP(), AdjointDPM(order=1, store_trajectory=True)), ref)
-    fine = rel(grads(GD.denoiser(S), ts, jd.DPMSolverPP(), AdjointDPM(order=1, substeps=4, store_trajectory=True)), ref)
+    coarse = rel(grads(GD.denoiser(S), ts, jd.DPMSolverPP(), AdjointDPM(order=1, corrector=False, store_trajectory=True)), ref)
+    fine = rel(grads(GD.denoiser(S), ts, jd.DPMSolverPP(), AdjointDPM(order=1, corrector=False, substeps=4, store_trajectory=True)), ref)
     assert fine < coarse / 2.5
 
 
 def test_adjoint_agrees_with_backprop_on_mixture():
-    """Acceptance 2 (mixture): 3M forward, third-order adjoint, 50 steps."""
+    """Acceptance 2 (mixture): UniPC(order=3) forward, default adjoint (order 3 + corrector), 50 steps."""
     ts = jd.timesteps(S, 50)
     loss = lambda x0: jnp.sum(jnp.sin(x0))  # noqa: E731
     x = jax.random.normal(jax.random.key(1), (4, 2))
-    ref = grads(GM.denoiser(S), ts, jd.DPMSolverPP(order=3), Backprop(), args=GM, x=x, loss=loss)
-    got = grads(GM.denoiser(S), ts, jd.DPMSolverPP(order=3), AdjointDPM(order=3, store_trajectory=True), args=GM, x=x, loss=loss)
-    assert rel(got, ref) < 1e-3
+    ref = grads(GM.denoiser(S), ts, jd.UniPC(order=3), Backprop(), args=GM, x=x, loss=loss)
+    got = grads(GM.denoiser(S), ts, jd.UniPC(order=3), AdjointDPM(), args=GM, x=x, loss=loss)
+    stored = grads(GM.denoiser(S), ts, jd.UniPC(order=3), AdjointDPM(store_trajectory=True), args=GM, x=x, loss=loss)
+    # measured 7.4e-4 and 2.6e-4
+    assert rel(got, ref) < 1e-3 and rel(stored, ref) < 5e-4
 
 
 class _MLP(nn.Module):
@@ -149,15 +175,17 @@ def _mlp_denoiser():
 
 
 def test_adjoint_agrees_with_backprop_on_flax_mlp():
-    """Acceptance 2 (flax MLP): gradients w.r.t. the network weights and x_T."""
+    """Acceptance 2 (flax MLP): gradients w.r.t. the network weights and x_T, recommended config, 50 steps."""
     den, params = _mlp_denoiser()
     ts = jd.timesteps(S, 50)
     loss = lambda x0: jnp.sum(jnp.sin(x0))  # noqa: E731
     x = jax.random.normal(jax.random.key(1), (4, 2))
-    ref = grads(den, ts, jd.DPMSolverPP(order=3), Backprop(), args=params, x=x, loss=loss)
-    got = grads(den, ts, jd.DPMSolverPP(order=3), AdjointDPM(order=3, store_trajectory=True), args=params, x=x, loss=loss)
-    # measured 1.0e-2 at 50 steps (the issue asks for 1e-3; met on the mixture, not on this MLP correction)
-    assert rel(got, ref) < 1.5e-2
+    ref = grads(den, ts, jd.UniPC(order=3), Backprop(), args=params, x=x, loss=loss)
+    got = grads(den, ts, jd.UniPC(order=3), AdjointDPM(), args=params, x=x, loss=loss)
+    stored = grads(den, ts, jd.UniPC(order=3), AdjointDPM(store_trajectory=True), args=params, x=x, loss=loss)
+    # measured 9.7e-4 (rebuilt x) and 7.9e-4 (stored); Backprop itself is 8.2e-4 from the continuous
+    # gradient, the rebuilt-x adjoint 3.1e-4. With a DPM-Solver++ 3M forward and no corrector: 1.0e-2.
+    assert rel(got, ref) < 1e-3 and rel(stored, ref) < 1e-3
 
 
 def test_adjoint_under_vmap_and_with_trajectory_cotangents():
@@ -207,3 +235,5 @@ def test_adjoint_bad_input():
         AdjointDPM(substeps=0)
     with pytest.raises(ValueError, match=r"Unknown `form='rho'`"):
         AdjointDPM(form="rho")
+    with pytest.raises(ValueError, match=r"`corrector=1` must be True or False"):
+        AdjointDPM(corrector=1)
