@@ -237,12 +237,14 @@ class AdjointDPM:
     **Recommended use** (measured; ``benchmarks/adjoint_vs_diffrax.py`` records the tables): a
     ``UniPC(order=3)`` forward pass (order 4 with its corrector) with the default
     ``AdjointDPM()`` (order 3 + corrector: order 4 backward). On Gaussian data (VP cosine,
-    t 0.9 -> 1e-3, logSNR grid) the relative gradient error is 8.1e-3 at 10 steps (21 model calls),
-    5.4e-4 at 20, 2.4e-5 at 40. On a small flax MLP noise predictor at 50 steps it is 3.1e-4 from
-    the continuous gradient and 9.7e-4 from ``Backprop`` of the same sampler (whose own distance to
-    the continuous gradient is 8.2e-4); ``store_trajectory=True`` linearises around the sampler's
-    own states and agrees with ``Backprop`` to 7.9e-4. The form "lambda" was the most accurate
-    in every case we measured (on that MLP, 3.1e-4 against 3.8e-4 for "exponential").
+    t 0.9 -> 1e-3, logSNR grid) the relative gradient error is 9.6e-3 at 9 steps (19 model calls),
+    8.1e-3 at 10, 8.4e-4 at 18 (37 calls), 5.4e-4 at 20, 2.4e-5 at 40, 1.9e-6 at 80; diffrax's best
+    fixed-step solver and adjoint need 20 calls for 1e-2 (Bosh3) and 28 for 1e-3 (Dopri8). On a
+    small flax MLP noise predictor at 50 steps it is 3.1e-4 from the continuous gradient and 9.7e-4
+    from ``Backprop`` of the same sampler (whose own distance to the continuous gradient is 8.2e-4);
+    ``store_trajectory=True`` linearises around the sampler's own states and agrees with
+    ``Backprop`` to 7.9e-4. The form "lambda" was the most accurate in every case we measured (on
+    that MLP, 3.1e-4 against 3.8e-4 for "exponential").
 
     With a DPM-Solver++ multistep forward pass of order k, ``AdjointDPM(order=k, corrector=False)``
     is nearly the transpose of the sampler and agrees better with ``Backprop`` on coarse grids (its
