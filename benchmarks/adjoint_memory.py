@@ -1,8 +1,9 @@
 """Compiled temporary memory of gradients through sampling versus the number of steps.
 
 Acceptance 3 of the adjoint issue: ``jax.jit(grad).lower(...).compile().memory_analysis()`` temporary
-bytes for AdjointDPM (flat in the number of steps), Backprop() (grows linearly) and
-Backprop(checkpoint=...) (in between), on a small flax MLP noise predictor over a batch of points.
+bytes for AdjointDPM (flat in the number of steps; ``store_trajectory=True`` keeps the N + 1 states),
+Backprop() (grows linearly) and Backprop(checkpoint=...) (in between), on a small flax MLP noise
+predictor over a batch of points, with a UniPC(order=3) forward pass.
 
     python -m benchmarks.adjoint_memory [--quick]
 """
@@ -43,7 +44,7 @@ def temp_bytes(adjoint, num_steps, batch=512, dim=8):
     x_T = jnp.zeros((batch, dim), jnp.float32)
 
     def loss(p, x):
-        return jnp.mean(jd.sample(den, x, ts, jd.DPMSolverPP(order=2), args=p, adjoint=adjoint) ** 2)
+        return jnp.mean(jd.sample(den, x, ts, jd.UniPC(order=3), args=p, adjoint=adjoint) ** 2)
 
     compiled = jax.jit(jax.grad(loss, argnums=(0, 1))).lower(params, x_T).compile()
     return int(compiled.memory_analysis().temp_size_in_bytes)
@@ -55,8 +56,9 @@ def main():
     opts = ap.parse_args()
     steps = (10, 50, 100) if opts.quick else (10, 50, 100, 250, 500)
     methods = {
-        "AdjointDPM(order=2)": AdjointDPM(order=2),
-        "AdjointDPM(order=3)": AdjointDPM(order=3),
+        "AdjointDPM() (order 3 + corrector)": AdjointDPM(),
+        "AdjointDPM(order=3, corrector=False)": AdjointDPM(order=3, corrector=False),
+        "AdjointDPM(store_trajectory=True)": AdjointDPM(store_trajectory=True),
         "Backprop()": Backprop(),
         "Backprop(checkpoint=10)": Backprop(10),
         "Backprop(checkpoint='sqrt')": Backprop("sqrt"),
