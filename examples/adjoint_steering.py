@@ -30,7 +30,7 @@ from jaxdiff.adjoint import AdjointDPM, Backprop
 S = jd.VPCosine()
 TS = jd.timesteps(S, 25)
 SOLVER = jd.UniPC(order=3)  # the recommended pairing: UniPC(order=3) forward, AdjointDPM() backward
-ADJOINT = AdjointDPM()  # order 3 + Adams-Moulton corrector (order 4 backward), O(1) memory in the steps
+ADJOINT = AdjointDPM()  # mirrors UniPC(3): order 3 + Adams-Moulton corrector (order 4 backward), O(1) memory
 
 
 def optimize(loss, params, steps, lr):
