@@ -8,9 +8,10 @@ after a few hundred steps with the reference defaults), has no ``growth_rate``/`
 coupled decay, keeps ``d`` in the lowest parameter dtype (bfloat16 with bfloat16 params)
 and has no ``axis_name``.
 
-Non-finite gradients: a NaN/Inf in any gradient entry makes the step's numerator or
-``||s||_1`` non-finite; the step is then skipped (zero updates, state unchanged,
-``num_nonfinite`` incremented), so ``d`` never absorbs a NaN.
+Non-finite gradients: a NaN/Inf in any gradient entry makes the step's numerator
+``<g, x0 - x>`` non-finite; the step is then skipped (zero updates, state unchanged,
+``num_nonfinite`` incremented), so ``d`` never absorbs a NaN. With ``slice_p > 1`` only the
+sliced entries enter the numerator, so only they are checked.
 """
 
 from __future__ import annotations
@@ -195,25 +196,23 @@ def prodigy(
 
         ratio = d / d_init
         s_coef = ratio * (d if safeguard_warmup else dlr)
-        # <g, x0 - x> and ||b3 s + s_coef g||_1 in one pass over g
-        sums = _tree.tree_reduce_sum(
-            lambda g, p, p0, s: (sl(g) * (p0 - sl(p)), jnp.abs((b3 * s + s_coef * sl(g)).astype(s.dtype))),
-            grads, params, state.params0, state.grad_sum, axis_name=axis_name,
-        )
-        sums = sums.at[0].multiply(ratio * dlr)
-        d_numerator = b3 * state.d_numerator + sums[0]
-        denom = sums[1]
-        # lr == 0 (or no gradient signal yet): the reference returns before touching anything
-        gate = Gate.of(jnp.isfinite(d_numerator) & jnp.isfinite(denom), (lr > 0) & (denom > 0))
-
-        d_hat = d_coef * d_numerator / jnp.where(denom > 0, denom, 1)
-        d_new = jnp.where(d == d_init, jnp.maximum(d, d_hat), d)
-        d_max = jnp.maximum(state.d_max, d_hat)
-        d_new = jnp.minimum(d_max, d_new * growth_rate)
-
+        num = _tree.tree_reduce_sum(lambda g, p, p0: sl(g) * (p0 - sl(p)), grads, params, state.params0,
+                                    axis_name=axis_name)
+        d_numerator = b3 * state.d_numerator + ratio * dlr * num
+        # every gradient entry enters <g, x0 - x>, so it decides finiteness before s is touched; lr == 0
+        # leaves everything as it is (the reference returns first)
+        gate = Gate.of(jnp.isfinite(d_numerator), lr > 0)
         grads = gate.mask(grads)
         grad_sum = jax.tree.map(lambda s, g: (gate.decay(b3) * s + s_coef * sl(g)).astype(s.dtype), state.grad_sum,
                                 grads)
+        denom = _tree.tree_l1(grad_sum, axis_name)  # from the stored s: no second pass over g
+
+        # ||s||_1 = 0 (no gradient signal yet, so m = v = 0 and the step is 0): d waits, as in the reference
+        d_hat = d_coef * d_numerator / jnp.where(denom > 0, denom, 1)
+        d_max = jnp.where(denom > 0, jnp.maximum(state.d_max, d_hat), state.d_max)
+        d_new = jnp.where(d == d_init, jnp.maximum(d, d_hat), d)
+        d_new = jnp.where(denom > 0, jnp.minimum(d_max, d_new * growth_rate), d)
+
         exp_avg_sq = jax.tree.map(
             lambda v_, g: (gate.decay(b2) * v_ + (d * d * (1 - b2)) * jnp.square(g)).astype(v_.dtype),
             state.exp_avg_sq, grads,
