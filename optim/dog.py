@@ -115,6 +115,9 @@ def _build(
         lr = learning_rate_at(learning_rate, state.count)
         dist = jax.tree.map(jnp.sqrt, reduce_sq(jax.tree.map(jnp.subtract, params, state.init_params)))
         grad_sq = reduce_sq(grads)
+        gate = Gate.of(jnp.all(jnp.isfinite(jnp.stack(jax.tree.leaves(grad_sq)))))
+        # with the step not taken, dist and grad_sq count as 0: rbar and G (both >= 0) stay as they are
+        dist, grad_sq = gate.mask((dist, grad_sq))
         rbar = jax.tree.map(jnp.maximum, state.rbar, dist)
         if kind == "dowg":
             grad_sum = jax.tree.map(lambda v, r, n: v + r * r * n, state.grad_sum, rbar, grad_sq)
@@ -131,11 +134,10 @@ def _build(
             new_updates = jax.tree.map(lambda g, e: (-e * g).astype(g.dtype), grads, eta)
         else:
             new_updates = jax.tree.map(lambda g: (-eta * g).astype(g.dtype), grads)
-        finite = jnp.all(jnp.isfinite(jnp.stack(jax.tree.leaves(grad_sq))))
         stepped = DoGState(
             optax.safe_increment(state.count), state.num_nonfinite, state.init_params, rbar, grad_sum
         )
-        return commit(Gate.of(finite), new_updates, stepped, state)
+        return commit(gate, new_updates, stepped, state, gated=("rbar", "grad_sum"))
 
     return optax.GradientTransformation(init_fn, update_fn)
 
