@@ -48,7 +48,8 @@ def pmin(x, axis_name: AxisName):
 def tree_reduce_sum(fn: Callable[..., Any], *trees: Any, axis_name: AxisName = None) -> jax.Array:
     """sum over leaves of ``sum(fn(*leaves))`` in the accumulation dtype, then ``psum``.
 
-    ``fn`` may return a tuple of k arrays: the result is then the k sums (sibling reductions, which XLA may fuse).
+    ``fn`` may return a tuple of k arrays: the result is then the k sums (sibling reductions,
+    which XLA may fuse).
     """
     leaves = [jax.tree.leaves(t) for t in trees]
 
@@ -59,11 +60,9 @@ def tree_reduce_sum(fn: Callable[..., Any], *trees: Any, axis_name: AxisName = N
         return jnp.stack([jnp.sum(_acc(o)) for o in out])
 
     parts = [part(*ls) for ls in zip(*leaves)]
-    if parts:
-        total = sum(parts)
-    else:
-        probe = jax.eval_shape(fn, *[jnp.zeros(()) for _ in trees]) if trees else None
-        total = jnp.zeros((len(probe),) if isinstance(probe, tuple) else (), accumulation_dtype())
+    if not parts:  # an empty tree: zeros of the shape one leaf would give
+        parts = [jnp.zeros(jax.eval_shape(part, *[jnp.zeros(())] * len(trees)).shape, accumulation_dtype())]
+    total = sum(parts)
     return psum(jnp.asarray(total, accumulation_dtype()), axis_name)
 
 
