@@ -83,7 +83,7 @@ def mechanize(
       s_init: initial bet (scale of the first steps).
       eps: guards the divisions.
       axis_name: mapped axis over which params/state are sharded (``shard_map``/``pmap``);
-        the four global sums behind ``h`` are then ``psum``-ed.
+        the three global sums behind ``h`` are then ``psum``-ed.
 
     Returns:
       An ``optax.GradientTransformationExtraArgs`` with :class:`MechanicState`; ``update``
@@ -127,14 +127,15 @@ def mechanize(
         acc = _tree.accumulation_dtype()
         beta = jnp.asarray(betas, acc)
         s_sum = jnp.sum(state.s)
-        # <x - x_ref, g>, <x - x_ref, x>, ||g||^2, ||x||^2 in one call and one psum
-        sums = _tree.tree_reduce_sum(
-            lambda x, x0, g: ((x - x0) * g, (x - x0) * x, jnp.square(g), jnp.square(x)),
-            params, state.x_ref, updates, axis_name=axis_name,
+        g_sq, x_sq = _tree.tree_reduce_sum(
+            lambda x, g: (jnp.square(g), jnp.square(x)), params, updates, axis_name=axis_name
         )
         scale = s_sum + eps
-        decay = weight_decay * s_sum * jnp.sqrt(sums[2]) / (jnp.sqrt(sums[3]) + eps)
-        h = (sums[0] + decay * sums[1]) / scale
+        decay = (weight_decay * s_sum * jnp.sqrt(g_sq) / (jnp.sqrt(x_sq) + eps)).astype(acc)
+        # one pass over x - x_ref: <x - x_ref, g + decay x> (two sums sharing x - x_ref made XLA store it)
+        h = _tree.tree_reduce_sum(
+            lambda x, x0, g: (x - x0) * (g + decay * x), params, state.x_ref, updates, axis_name=axis_name
+        ) / scale
         m = jnp.maximum(beta * state.m, jnp.abs(h))
         v = beta * beta * state.v + h * h
         r = jnp.maximum(0.0, beta * state.r - state.s * h)
