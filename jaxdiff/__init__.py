@@ -20,12 +20,15 @@ from jaxdiff.solvers import (
     DPMSolver,
     DPMSolverPP,
     DPMSolverPPSDE,
+    DPMSolverV3,
+    EMS,
     Euler,
     EulerMaruyama,
     Heun,
     Layout,
     Solver,
     UniPC,
+    compute_ems,
 )
 from jaxdiff.smc import fkc
 from jaxdiff.timesteps import timesteps

@@ -104,6 +104,7 @@ def check_inputs(denoiser, x_T, ts, solver, args, key):
         )
     if solver.stochastic and key is None:
         raise ValueError(f"`{type(solver).__name__}` is stochastic: pass `key=jax.random.key(...)`.")
+    solver.check_state(x_T)
     out = jax.eval_shape(lambda x, a: denoiser.raw(x, jnp.asarray(ts)[0], a), x_T, args)
     if out.shape != jnp.shape(x_T):
         raise ValueError(f"The model returned shape {out.shape} for `x_T` of shape {jnp.shape(x_T)}.")
@@ -133,6 +134,15 @@ def integrate(
         b=coef.y.astype(dtype),
         noise=coef.noise.astype(dtype),
     )
+    for name in ("mix", "offset"):
+        if getattr(coef, name) is not None:
+            rows[name] = getattr(coef, name).astype(dtype)
+    state_ndim = jnp.ndim(x_T)
+    for name, lead in (("a", 2), ("b", 2), ("mix", 1), ("offset", 2)):
+        # per-coordinate rows (DPM-Solver-v3): explicit singleton axes for the state's leading dims
+        if name in rows and rows[name].ndim > lead:
+            r = rows[name]
+            rows[name] = r.reshape(r.shape[:lead] + (1,) * (state_ndim + lead - r.ndim) + r.shape[lead:])
     if solver.stochastic:
         rows["key"] = jax.random.split(key, m)
     predict = denoiser.x0 if solver.prediction == "data" else denoiser.eps
@@ -146,13 +156,19 @@ def integrate(
     def body(carry, row):
         y, anchor, hist = carry
         d = predict(y, row["t"], args).astype(dtype)
+        if "mix" in row:
+            d = d + row["mix"] * y
         # lag order: the newest evaluation first (static shifts; no data-dependent indexing)
         hist = jnp.concatenate([d[None], hist[:-1]], axis=0)
         if layout.uses_anchor:
             anchor = combine(row["a"][1:], y, hist) + row["a"][0] * anchor
+            if "offset" in row:
+                anchor = anchor + row["offset"][0]
             y_new = combine(row["b"], anchor, hist)
         else:
             y_new = combine(row["b"], y, hist)
+        if "offset" in row:
+            y_new = y_new + row["offset"][1]
         if solver.stochastic:
             y_new = y_new + row["noise"] * jax.random.normal(row["key"], y.shape, dtype)
         return (y_new, anchor, hist), (y_new if return_trajectory else None)

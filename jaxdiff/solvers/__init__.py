@@ -4,6 +4,7 @@ from jaxdiff.solvers.base import Coefficients, Layout, Solver
 from jaxdiff.solvers.ddim import DDIM, DDPM, Euler
 from jaxdiff.solvers.deis import DEIS
 from jaxdiff.solvers.dpm_solver import DPMSolver, DPMSolverPP
+from jaxdiff.solvers.dpm_solver_v3 import EMS, DPMSolverV3, compute_ems
 from jaxdiff.solvers.heun import Heun
 from jaxdiff.solvers.pndm import PNDM
 from jaxdiff.solvers.sde import DPMSolverPPSDE, EulerMaruyama

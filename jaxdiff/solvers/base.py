@@ -9,6 +9,9 @@ noise for SDE solvers). Per evaluation k the driver computes
     anchor'   = a_0 anchor + a_1 y_k + sum_j a_{2+j} D_{k-j}      (only when ``uses_anchor``)
     y_{k+1}   = b_0 base + sum_j b_{1+j} D_{k-j} + noise_k z_k    (base = anchor' or y_k)
 
+(DPM-Solver-v3 generalises this by coordinate: its rows are arrays of the data shape, the
+history keeps D_k + mix_k y_k, and both updates get a constant term; see ``Coefficients``.)
+
 Multistep methods (DPM-Solver++ 2M/3M, DDIM, DEIS) use base = y_k; predictor-correctors (UniPC)
 keep the corrected point as the anchor; singlestep/Runge-Kutta methods keep the start of the
 step as the anchor while their stages run. A solver is therefore mostly data: it states its
@@ -47,12 +50,19 @@ class Layout:
 
 
 class Coefficients(NamedTuple):
-    """Per-evaluation coefficient rows; history columns are in lag order (lag 0 = newest)."""
+    """Per-evaluation coefficient rows; history columns are in lag order (lag 0 = newest).
+
+    Rows are scalars per column, or arrays of a data shape ``e`` (trailing dimensions of the
+    state) for solvers whose coefficients differ per coordinate (DPM-Solver-v3): ``anchor`` is
+    then ``(M, 2 + K, *e)`` and ``y`` is ``(M, 1 + K, *e)``.
+    """
 
     t: jax.Array  # (M,) evaluation times
-    anchor: jax.Array  # (M, 2 + K) on [anchor, y, D lag 0..K-1]
-    y: jax.Array  # (M, 1 + K) on [base, D lag 0..K-1]
+    anchor: jax.Array  # (M, 2 + K[, *e]) on [anchor, y, D lag 0..K-1]
+    y: jax.Array  # (M, 1 + K[, *e]) on [base, D lag 0..K-1]
     noise: jax.Array  # (M,) standard deviation of the added Gaussian noise
+    mix: jax.Array | None = None  # (M[, *e]): the history stores D_k + mix_k y_k instead of D_k
+    offset: jax.Array | None = None  # (M, 2[, *e]): constants added to anchor' and to y_{k+1}
 
 
 class Grid(NamedTuple):
@@ -112,6 +122,9 @@ class Solver(abc.ABC):
     def min_steps(self) -> int:
         """Smallest grid this solver accepts."""
         return 1
+
+    def check_state(self, x) -> None:
+        """Trace-time check that the solver can integrate a state shaped like ``x`` (raise ValueError)."""
 
     def nfe(self, num_steps: int) -> int:
         """Model evaluations for a grid of ``num_steps`` steps."""
