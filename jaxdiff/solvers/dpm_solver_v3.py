@@ -166,7 +166,7 @@ class DPMSolverV3(Solver):
         corrector_pseudo: corrector of order + 1 with pseudo derivatives (``c_pseudo``, default on);
             otherwise a corrector of the predictor's order.
         lower_order_final: True (default), False, or an int n (only for grids of fewer than n steps).
-        disable_corrector: step indices whose corrector is skipped.
+        disable_corrector: steps p whose result x_{p+1} is not corrected (as UniPC and diffusers).
 
     The grid ``ts`` must be concrete (closed over, not a jit argument) and its lambda values must lie
     in the EMS range (the step into sigma = 0 is not covered: end at ``t_min``).
@@ -257,7 +257,7 @@ class DPMSolverV3(Solver):
                     W = alpha[t] * np.exp(L[i_s] - L[i_t]) * E
                     for m, p in enumerate(pts):
                         V[p] = V.get(p, 0.0) + W * Q[kk - 1, m]
-            # x_t = A x_s - sum_p V_p g_p - const', g_p = G_p f_p + H_p, f = -h
+            # x_t = A x_s - sum_p V_p g_p + const, with g_p = G_p f_p + H_p and f = -h
             coef, c0 = {}, const
             for p, v in V.items():
                 G = np.exp(S[i_s] - S[idx[p]])
@@ -281,7 +281,7 @@ class DPMSolverV3(Solver):
             y_off[p] = full(c0)
             # corrector at evaluation p + 1 of the step p -> p + 1, with the order of that step
             c_order = int(orders[p]) + int(self.corrector_pseudo)
-            if p + 1 < n and self.use_corrector and p + 1 not in self.disable_corrector and c_order > 1:
+            if p + 1 < n and self.use_corrector and p not in self.disable_corrector and c_order > 1:
                 older = tuple(range(p - 1, p + 1 - c_order, -1))
                 pts_c = (p, p + 1) + older
                 A, coef, c0 = update(p, p + 1, pts_c, self.corrector_pseudo)

@@ -92,6 +92,19 @@ def test_measured_orders_with_non_optimal_ems():
     assert np.all(rate(e3) > 2.3) and np.all(e3 < e2)
 
 
+def test_disable_corrector_indexes_steps_like_unipc():
+    den = GD.denoiser(S)
+    ems = gaussian_ems(ems_grid(101), l_scale=0.8)
+    x_T = GD.sample_marginal(jax.random.key(0), S, T_START, (8, 3))
+    ts = logsnr_grid(6)
+    run = lambda **kw: jd.sample(den, x_T, ts, jd.DPMSolverV3(ems, **kw), args=GD)  # noqa: E731
+    off = run(use_corrector=False)
+    np.testing.assert_array_equal(run(disable_corrector=range(6)), off)
+    assert float(jnp.max(jnp.abs(run() - off))) > 1e-3
+    # step 5 is the last: its result is never corrected, so disabling it changes nothing
+    np.testing.assert_array_equal(run(disable_corrector=(5,)), run())
+
+
 def test_computed_ems_recover_the_gaussian_statistics():
     den = GD.denoiser(S)
     lam = ems_grid(101)
