@@ -134,15 +134,11 @@ def integrate(
         b=coef.y.astype(dtype),
         noise=coef.noise.astype(dtype),
     )
-    for name in ("mix", "offset"):
-        if getattr(coef, name) is not None:
-            rows[name] = getattr(coef, name).astype(dtype)
-    state_ndim = jnp.ndim(x_T)
+    rows |= {name: getattr(coef, name).astype(dtype) for name in ("mix", "offset") if getattr(coef, name) is not None}
     for name, lead in (("a", 2), ("b", 2), ("mix", 1), ("offset", 2)):
-        # per-coordinate rows (DPM-Solver-v3): explicit singleton axes for the state's leading dims
-        if name in rows and rows[name].ndim > lead:
-            r = rows[name]
-            rows[name] = r.reshape(r.shape[:lead] + (1,) * (state_ndim + lead - r.ndim) + r.shape[lead:])
+        r = rows.get(name)
+        if r is not None and r.ndim > lead:  # per-coordinate rows (DPM-Solver-v3): explicit axes for the batch dims
+            rows[name] = r.reshape(r.shape[:lead] + (1,) * (jnp.ndim(x_T) + lead - r.ndim) + r.shape[lead:])
     if solver.stochastic:
         rows["key"] = jax.random.split(key, m)
     predict = denoiser.x0 if solver.prediction == "data" else denoiser.eps

@@ -81,7 +81,8 @@ def test_measured_orders_with_non_optimal_ems():
         out = []
         for n in (20, 40, 80):
             ts = logsnr_grid(n)
-            x = jd.sample(den, x_T, ts, jd.DPMSolverV3(ems, use_corrector=False, lower_order_final=False, **kw), args=GD)
+            solver = jd.DPMSolverV3(ems, use_corrector=False, lower_order_final=False, **kw)
+            x = jd.sample(den, x_T, ts, solver, args=GD)
             out.append(float(jnp.max(jnp.abs(x - GD.flow(S, x_T, T_START, ts[-1])))))
         return np.array(out)
 
