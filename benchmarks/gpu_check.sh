@@ -1,10 +1,12 @@
 #!/usr/bin/env bash
 # One short GPU check (run from the repo root on a CUDA machine that has jax, flax, optax, diffrax):
-# the jitted sampler's overhead, one optimizer step on a 10M-parameter tree, the CBO anchor.
+# the jitted sampler's overhead, DPM-Solver-v3's overhead, one optimizer step on a 10M-parameter tree,
+# the CBO anchor.
 set -uo pipefail
 export PYTHONPATH=$PWD PYTHONUNBUFFERED=1
 python3 -c "import jax; print(jax.__version__, jax.devices())"
 python3 -m benchmarks.sampler_speed --quick --name sampler_speed_gpu
+python3 -m benchmarks.dpm_solver_v3 --quick
 python3 -m benchmarks.optim_step --quick
 python3 - <<'PY'
 import time, numpy as np
