@@ -322,7 +322,9 @@ def compute_ems(
       (l' from finite differences on the grid), and per coordinate the least-squares line
       f' ~ s f + b.
 
-    Costs 2 (1 + num_probes) model evaluations per sample and grid point, twice.
+    Per sample and grid point: ``num_probes`` model JVPs, then one model call and one JVP. To spread the
+    model calls over devices, shard ``data`` along its first axis and pass ``batch_size >= K``:
+    the jitted statistics then run partitioned, with the same result.
 
     Args:
         denoiser: the model (its guidance, if any, is included in the statistics).

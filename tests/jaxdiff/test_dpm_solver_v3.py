@@ -117,6 +117,20 @@ def test_computed_ems_recover_the_gaussian_statistics():
     np.testing.assert_allclose(est.b, exact.b, atol=1e-2)  # l' from finite differences on the grid
 
 
+def test_compute_ems_with_data_sharded_over_devices_gives_the_same_statistics():
+    from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+    den = GM.denoiser(S)
+    lam = ems_grid(21)
+    data = GM.sample(jax.random.key(5), 512)
+    mesh = Mesh(np.array(jax.devices()), ("batch",))
+    sharded = jax.device_put(data, NamedSharding(mesh, PartitionSpec("batch")))
+    assert len(sharded.sharding.device_set) == len(jax.devices()) > 1
+    a, b = (jd.compute_ems(den, x, jax.random.key(6), lam, args=GM, batch_size=512) for x in (data, sharded))
+    for name in ("l", "s", "b"):
+        np.testing.assert_allclose(getattr(b, name), getattr(a, name), rtol=1e-9, atol=1e-10)
+
+
 def test_computed_ems_beat_dpm_solver_pp_and_unipc_at_few_steps_on_a_mixture():
     den = GM.denoiser(S)
     ems = jd.compute_ems(den, GM.sample(jax.random.key(5), 2048), jax.random.key(6), ems_grid(201), args=GM)
