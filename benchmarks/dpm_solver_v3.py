@@ -84,7 +84,7 @@ def overhead(repeats: int) -> dict:
         run(x_T, params).block_until_ready()
     for _ in range(repeats):  # interleaved: both see the same machine load
         for name, run in runs.items():
-            times[name].append(median_time(lambda: run(x_T, params).block_until_ready(), repeats=1))
+            times[name].append(median_time(lambda: run(x_T, params).block_until_ready(), repeats=1, warmup=0))
     t = {name: float(np.median(v)) for name, v in times.items()}
     return {"v3_s": t["v3"], "dpmpp3m_s": t["DPM++3M"], "ratio": t["v3"] / t["DPM++3M"]}
 

@@ -205,11 +205,9 @@ class DPMSolverV3(Solver):
     def layout(self, num_steps: int) -> Layout:
         return Layout(num_evals=num_steps, history=self.order + 1, uses_anchor=True, step_end=(True,) * num_steps)
 
-    def _tables(self, schedule, ts):
+    def _tables(self, lam_ts):
         """EMS and their integrals on the union of the EMS grid and the sampling grid."""
         ems = self.ems
-        with jax.ensure_compile_time_eval():  # numpy values also while a jit traces the sampler
-            lam_ts = _concrete(schedule.lambda_(jnp.asarray(ts)), "time grid `ts` (and schedule)")
         lo, hi = ems.lam[0], ems.lam[-1]
         tol = 1e-9 * max(1.0, hi - lo)
         if not np.all(np.isfinite(lam_ts)) or lam_ts.min() < lo - tol or lam_ts.max() > hi + tol:
@@ -229,10 +227,11 @@ class DPMSolverV3(Solver):
         return dict(grid=grid, L=L, S=S, I=I, B=B, C=C), idx, lam_ts
 
     def coefficients(self, schedule, ts) -> Coefficients:
-        tab, idx, lam_ts = self._tables(schedule, ts)
-        with jax.ensure_compile_time_eval():
+        with jax.ensure_compile_time_eval():  # numpy values also while a jit traces the sampler
             ts_np = _concrete(ts, "time grid `ts`")
+            lam_ts = _concrete(schedule.lambda_(jnp.asarray(ts)), "time grid `ts` (and schedule)")
             alpha = np.exp(_concrete(schedule.log_alpha(jnp.asarray(ts)), "time grid `ts` (and schedule)"))
+        tab, idx, lam_ts = self._tables(lam_ts)
         n = ts_np.size - 1
         k = self.order + 1
         e = self.ems.shape
@@ -266,7 +265,6 @@ class DPMSolverV3(Solver):
                 c0 = c0 - v * H
             return A, coef, c0
 
-        full = lambda v: np.broadcast_to(v, e).astype(np.float64)  # noqa: E731
         y_rows = np.zeros((n, 1 + k) + e)
         y_off = np.zeros((n,) + e)
         anchor = np.zeros((n, 2 + k) + e)
@@ -275,10 +273,10 @@ class DPMSolverV3(Solver):
         for p in range(n):
             pts = tuple(range(p, p - int(orders[p]), -1))  # s = p, then older points
             A, coef, c0 = update(p, p + 1, pts, self.predictor_pseudo)
-            y_rows[p, 0] = full(A)
+            y_rows[p, 0] = A
             for q, v in coef.items():
-                y_rows[p, 1 + (p - q)] += full(v)  # lag of point q at evaluation p
-            y_off[p] = full(c0)
+                y_rows[p, 1 + (p - q)] += v  # lag of point q at evaluation p
+            y_off[p] = c0
             # corrector at evaluation p + 1 of the step p -> p + 1, with the order of that step
             c_order = int(orders[p]) + int(self.corrector_pseudo)
             if p + 1 < n and self.use_corrector and p not in self.disable_corrector and c_order > 1:
@@ -286,10 +284,10 @@ class DPMSolverV3(Solver):
                 pts_c = (p, p + 1) + older
                 A, coef, c0 = update(p, p + 1, pts_c, self.corrector_pseudo)
                 anchor[p + 1] = 0.0
-                anchor[p + 1, 0] = full(A)
+                anchor[p + 1, 0] = A
                 for q, v in coef.items():
-                    anchor[p + 1, 2 + (p + 1 - q)] += full(v)
-                a_off[p + 1] = full(c0)
+                    anchor[p + 1, 2 + (p + 1 - q)] += v
+                a_off[p + 1] = c0
         l_ts = _interp_rows(lam_ts, self.ems.lam, self.ems.l)
         mix = (l_ts - 1.0) / alpha.reshape((-1,) + (1,) * len(e))  # h = x0 + (l - 1) y / alpha = -f
         return Coefficients(
@@ -348,15 +346,18 @@ def compute_ems(
         t = sched.t_of_lambda(lm)
         return t, sched.alpha(t).astype(dtype), sched.sigma(t).astype(dtype)
 
+    def noised(x0, lm, key):  # x_lambda = alpha x0 + sigma z
+        t, alpha, sigma = at(lm)
+        return t, alpha, sigma, alpha * x0 + sigma * jax.random.normal(key, x0.shape, dtype)
+
     def noise_part(x, lm):  # sigma eps / alpha, a function of (x, lambda)
         t, alpha, sigma = at(lm)
         return sigma * denoiser.eps(x, t, args) / alpha
 
     @jax.jit
     def diag_stats(x0, lm, key):
-        t, alpha, sigma = at(lm)
         kz, kv = jax.random.split(key)
-        x = alpha * x0 + sigma * jax.random.normal(kz, x0.shape, dtype)
+        t, alpha, sigma, x = noised(x0, lm, kz)
 
         def probe(kp):
             v = jax.random.rademacher(kp, x.shape, dtype)
@@ -367,8 +368,7 @@ def compute_ems(
 
     @jax.jit
     def line_stats(x0, lm, l, dl, key):
-        t, alpha, sigma = at(lm)
-        x = alpha * x0 + sigma * jax.random.normal(key, x0.shape, dtype)
+        t, alpha, sigma, x = noised(x0, lm, key)
         dlog_alpha = jax.jvp(lambda u: sched.log_alpha(sched.t_of_lambda(u)), (lm,), (jnp.ones_like(lm),))[1]
         eps = denoiser.eps(x, t, args)
         dx = dlog_alpha.astype(dtype) * x - sigma * eps
