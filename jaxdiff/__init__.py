@@ -7,6 +7,8 @@
 """
 
 from jaxdiff import smc, testing
+from jaxdiff import hub, nets
+from jaxdiff.hub import load_diffusers, save_diffusers
 from jaxdiff.adjoint import AdjointDPM, Backprop
 from jaxdiff.models import CFG, PREDICTIONS, Denoiser, DynamicThreshold
 from jaxdiff.sample import integrate, nfe, sample
