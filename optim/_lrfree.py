@@ -1,18 +1,40 @@
-"""Pieces shared by the D-Adaptation, Prodigy and Mechanic transforms.
+"""Pieces shared by the learning-rate-free transforms (D-Adaptation, Prodigy, Mechanic, DoG,
+COCOB, schedule-free): the skip rule, the step counters, dtypes and argument checks.
 
-* ``learning_rate_at``: a float or an optax schedule of the step count, as a scalar in the
-  accumulation dtype (float32, float64 under x64) so that bfloat16 parameters never make
-  the step-size arithmetic bfloat16.
-* ``check_betas``: construction-time validation of a ``(beta1, beta2)`` pair.
-* ``check_update_args``: trace-time validation of ``update(updates, state, params)``.
-* ``Gate`` and ``commit``: the skip rule. A step whose global statistics (the
-  numerator/denominator sums of the d estimate, which every coordinate of the gradient
-  enters) are NaN/Inf is dropped: zero updates, state unchanged but for ``num_nonfinite``.
-  The test costs nothing extra, because those sums are needed anyway. The rule is folded
-  into the step's arithmetic (decays become 1, the gradient 0), not applied by selecting
-  between old and new state afterwards: each state leaf is then read and written once, in
-  place, and a skipped step is the identity exactly. (The select form made XLA keep a copy
-  of every moment buffer, 2.6x slower than ``optax.contrib.prodigy`` on a 10M-parameter CPU step.)
+**The skip rule** (``Gate`` and ``commit``). A step is *skipped* (zero updates, state
+unchanged but for the counters) when
+
+* a statistic of the step is not finite: a NaN/Inf gradient entry, or a finite entry too
+  large for the state (its square, or the moment increment built from it, overflows the
+  state dtype: ``|g| > 1.8e19`` in float32; a float32 second moment cannot hold ``1e30**2``,
+  and a skipped step lets the run continue exactly as if the gradient had not come);
+* the learning rate of the step is NaN, infinite or negative (a schedule's value), or a
+  hyperparameter injected as a traced value (``optax.inject_hyperparams`` under ``jit``) is
+  out of its range; concrete invalid values raise ``ValueError`` when the transform is built.
+
+A skipped step increments ``num_nonfinite``; an applied step increments ``count``. The
+learning-rate schedule is evaluated at ``count + num_nonfinite`` (the number of ``update``
+calls), so a skipped step still moves the schedule on, as a PyTorch scheduler steps once per
+iteration whether or not the optimizer did: a schedule that returns NaN once costs one step,
+not every later one. Bias corrections and averaging weights use ``count`` (the steps that
+entered the moments). A learning rate of exactly 0 applies a step that changes nothing but
+``count``, as in the references.
+
+The rule is folded into the step's arithmetic (decays become 1, increments 0), not applied
+by selecting between old and new state afterwards: each state leaf is then read and written
+once, in place, and a skipped step is the identity exactly. (The select form made XLA keep a
+copy of every moment buffer, 2.6x slower than ``optax.contrib.prodigy`` on a 10M-parameter
+CPU step.) An increment is masked *after* it is formed (``gate.inc(c * g)``), so a
+coefficient ``c`` that is itself NaN (a NaN learning rate, a NaN first gradient norm) cannot
+leak into the state through ``NaN * 0``.
+
+**dtypes.** Parameters may be float16, bfloat16, float32 or float64; integer and complex
+parameters raise ``TypeError``. Scalars accumulate in float32 (float64 under x64) and every
+state buffer is float32 at least (``_tree.state_dtype``), so float16/bfloat16 parameters train
+like float32 ones; updates come back in the parameters' dtype.
+
+**Initial parameters** with NaN/Inf raise ``ValueError`` in ``init`` when they are concrete;
+under a trace they cannot be checked, and the steps whose statistics read them are skipped.
 """
 
 from __future__ import annotations
@@ -24,73 +46,136 @@ import jax.numpy as jnp
 import optax
 
 from optim import _tree
-from optim._validate import _concrete, check_open_unit
+from optim import _validate as V
 
 ScalarOrSchedule = float | jax.Array | Callable[[jax.Array], jax.Array]
 
 
-def learning_rate_at(learning_rate: ScalarOrSchedule, count: jax.Array) -> jax.Array:
-    """The learning-rate multiplier at step ``count`` in the accumulation dtype."""
-    lr = learning_rate(count) if callable(learning_rate) else learning_rate
-    return jnp.asarray(lr).astype(_tree.accumulation_dtype())
+# ----------------------------------------------------------------------------- construction checks
 
 
-def check_betas(betas, *, allow_zero_beta1: bool = True, name: str = "betas") -> tuple:
-    """``betas`` is a pair with ``beta1`` in [0, 1) (or (0, 1)) and ``beta2`` in (0, 1)."""
+def check_learning_rate(learning_rate: ScalarOrSchedule, hint: str = "") -> Any:
+    """A constant ``learning_rate`` is > 0; a schedule is probed at step 0 (>= 0 there)."""
+    if callable(learning_rate):
+        V.schedule("learning_rate", learning_rate, V.nonnegative, hint)
+        return True
+    return V.positive("learning_rate", learning_rate, hint)
+
+
+def check_betas(betas, *, allow_zero_beta1: bool = True, name: str = "betas") -> tuple[tuple, Any]:
+    """``betas`` is a pair with ``beta1`` in [0, 1) (or (0, 1)) and ``beta2`` in (0, 1).
+
+    Returns ``((beta1, beta2), ok)`` with ``ok`` the runtime predicate for traced values.
+    """
     if not isinstance(betas, (tuple, list)) or len(betas) != 2:
-        raise ValueError(f"`{name}` must be a pair (beta1, beta2), got {betas!r}.")
+        V.fail(name, betas, "a pair (beta1, beta2)", "The reference default is (0.9, 0.999).")
     b1, b2 = betas
-    if not (allow_zero_beta1 and _concrete(b1) == 0.0):
-        check_open_unit(f"{name}[0]", b1, "The reference default is 0.9." + (
-            " 0 turns momentum off." if allow_zero_beta1 else ""))
-    check_open_unit(f"{name}[1]", b2, "The reference default is 0.999.")
-    return b1, b2
+    ok1 = V.interval(f"{name}[0]", b1, 0.0, 1.0, lo_closed=allow_zero_beta1, hi_closed=False,
+                     hint="The reference default is 0.9." + (" 0 turns momentum off." if allow_zero_beta1 else ""))
+    ok2 = V.open_unit(f"{name}[1]", b2, "The reference default is 0.999.")
+    return (b1, b2), V.all_of(ok1, ok2)
 
 
-def check_growth_rate(growth_rate) -> None:
+def check_growth_rate(growth_rate) -> Any:
     """``growth_rate`` is >= 1 (``math.inf`` for unbounded growth of ``d``)."""
-    g = _concrete(growth_rate)
-    if g is not None and not g >= 1:
-        raise ValueError(
-            f"`growth_rate` must be >= 1, got {growth_rate!r}. It bounds d_new / d per step; "
-            "pass math.inf for no bound (the reference default) or e.g. 1.02 for a warmup effect."
-        )
+    return V.at_least("growth_rate", growth_rate, 1.0,
+                      "It bounds d_new / d per step; pass math.inf for no bound (the reference default) or "
+                      "e.g. 1.02 for a warmup effect.")
+
+
+def is_static_zero(x) -> bool:
+    """True for a Python/concrete 0 (a term can then be left out of the traced program)."""
+    return V.concrete(x) == 0.0
+
+
+# ----------------------------------------------------------------------------- init / update checks
+
+
+def check_init(name: str, params: Any) -> None:
+    """Supported dtypes, and finite values when ``params`` is concrete."""
+    V.float_tree(name, "params", params)
+    V.finite_tree(name, "params", params)
 
 
 def check_update_args(name: str, updates: Any, params: Any, ref: Any, ref_name: str) -> None:
-    """``params`` given and ``updates``/``params``/``ref`` share one tree structure."""
-    if params is None:
-        raise ValueError(
-            f"optim.{name} needs `params`: call `update(updates, state, params)` "
-            "(the step depends on the current parameters)."
-        )
-    _tree.check_same_structure("updates", updates, "params", params)
-    _tree.check_same_structure("params", params, ref_name, ref)
+    """``params`` given; ``updates``/``params``/``ref`` share one tree structure; float dtypes."""
+    V.needs_params(name, params)
+    V.same_structure("updates", updates, "params", params)
+    V.same_structure("params", params, ref_name, ref)
+    V.float_tree(name, "params", params)
+    V.float_tree(name, "updates", updates)
+
+
+# ----------------------------------------------------------------------------- state buffers
+
+
+def zeros_like_state(params: Any) -> Any:
+    """Fresh zero buffers shaped like ``params`` in the state dtype (float32 at least)."""
+    return jax.tree.map(lambda p: jnp.zeros(jnp.shape(p), _tree.state_dtype(p.dtype)), params)
+
+
+def copy_to_state(params: Any) -> Any:
+    """A fresh copy of ``params`` in the state dtype (so params and state never share a buffer)."""
+    return jax.tree.map(lambda p: jnp.array(p, dtype=_tree.state_dtype(p.dtype), copy=True), params)
+
+
+# ----------------------------------------------------------------------------- schedules and counters
+
+
+def schedule_step(state: Any) -> jax.Array:
+    """The step count a schedule sees: ``update`` calls so far (applied plus skipped)."""
+    return state.count + state.num_nonfinite
+
+
+def learning_rate_at(learning_rate: ScalarOrSchedule, step: jax.Array) -> tuple[jax.Array, Any]:
+    """The learning rate at ``step`` in the accumulation dtype, and whether it is valid.
+
+    A constant was checked when the transform was built (``ok`` is then a Python ``True``);
+    a schedule's value, or a traced injected one, must be finite and >= 0 or the step is skipped.
+    """
+    lr = learning_rate(step) if callable(learning_rate) else learning_rate
+    ok = True
+    if callable(learning_rate) or V.is_traced(learning_rate):
+        ok = jnp.isfinite(lr) & (lr >= 0)
+    return jnp.asarray(lr).astype(_tree.accumulation_dtype()), ok
+
+
+def overflow_probe(x: jax.Array) -> jax.Array:
+    """``0 * x``: summed with a statistic, it turns the sum NaN iff an entry of ``x`` is NaN/Inf.
+
+    Adds no pass over memory (it rides on a reduction that reads the gradient anyway) and no
+    false alarm from a large but finite sum, as a sum of ``x`` itself would.
+    """
+    return jnp.zeros((), x.dtype) * x
 
 
 class Gate(NamedTuple):
     """Whether a step is applied, for building its state updates so that a skip is the identity.
 
-    ``ok``: the step's statistics are finite. ``take``: ``ok`` and the step is active (a
-    learning rate of 0, or no gradient signal yet, leaves the state as it is but advances
-    ``count``). Write a moment update as ``gate.decay(b) * x + c * gate.mask(g)``: with
-    ``take`` false it returns ``x`` exactly, even when ``g`` holds NaN/Inf.
+    ``ok``: the step's statistics, learning rate and traced hyperparameters are valid.
+    ``take``: ``ok`` and the step is active (a learning rate of 0, or no gradient signal
+    yet, leaves the state as it is but advances ``count``). Write a moment update as
+    ``gate.decay(b) * x + gate.inc(c * g)``: with ``take`` false it returns ``x`` exactly,
+    even when ``c`` or ``g`` hold NaN/Inf.
     """
 
     ok: jax.Array
     take: jax.Array
 
     @classmethod
-    def of(cls, ok: jax.Array, active: jax.Array | None = None) -> "Gate":
+    def of(cls, ok: Any, active: jax.Array | None = None) -> "Gate":
+        ok = jnp.asarray(ok, bool)
         return cls(ok, ok if active is None else ok & active)
 
     def decay(self, b):
         """``b`` when the step is taken, else 1."""
         return jnp.where(self.take, b, 1)  # keeps a Python float weakly typed
 
-    def mask(self, x):
-        """``x`` when the step is taken, else zeros (a leaf or a pytree)."""
-        return jax.tree.map(lambda a: jnp.where(self.take, a, jnp.zeros_like(a)), x)
+    def inc(self, x):
+        """``x`` when the step is taken, else zeros (a leaf or a pytree); NaN-safe."""
+        return jax.tree.map(lambda a: jnp.where(self.take, a, jnp.zeros((), a.dtype)), x)
+
+    mask = inc
 
 
 def commit(gate: Gate, updates: Any, stepped: Any, state: Any, gated: tuple[str, ...] = ()) -> tuple[Any, Any]:
@@ -109,16 +194,11 @@ def commit(gate: Gate, updates: Any, stepped: Any, state: Any, gated: tuple[str,
     for name in state._fields:
         new, old = getattr(stepped, name), getattr(state, name)
         if name == "count":
-            fields[name] = jnp.where(gate.ok, new, old)
+            fields[name] = jnp.where(gate.ok, optax.safe_increment(old), old)
         elif name == "num_nonfinite":
             fields[name] = jnp.where(gate.ok, old, optax.safe_increment(old))
         elif name in gated:
             fields[name] = new
         else:
             fields[name] = pick(new, old)
-    return gate.mask(updates), type(state)(**fields)
-
-
-def is_static_zero(x) -> bool:
-    """True for a Python/concrete 0 (a term can then be left out of the traced program)."""
-    return _concrete(x) == 0.0
+    return gate.inc(updates), type(state)(**fields)

@@ -30,6 +30,19 @@ def _acc(x):
     return jnp.asarray(x).astype(accumulation_dtype(jnp.asarray(x).dtype))
 
 
+to_acc = _acc  # public name for the transforms: a leaf in the accumulation dtype (or wider)
+
+
+def state_dtype(dtype) -> jnp.dtype:
+    """The dtype of a state buffer for parameters of ``dtype``: float32 at least.
+
+    float16 cannot hold the products a step-size estimate accumulates (``d * g`` with
+    ``d = 1e-6`` underflows, ``g**2`` overflows above 256); bfloat16 keeps 8 mantissa bits,
+    too few for running sums. Parameters keep their dtype; only the optimizer's buffers widen.
+    """
+    return jnp.promote_types(dtype, jnp.float32)
+
+
 def psum(x, axis_name: AxisName):
     """``lax.psum`` over ``axis_name``, or the identity when it is None."""
     return x if axis_name is None else jax.lax.psum(x, axis_name)
@@ -92,10 +105,16 @@ def tree_l1(a: Any, axis_name: AxisName = None) -> jax.Array:
 
 
 def tree_max(a: Any, axis_name: AxisName = None) -> jax.Array:
-    """max over all entries of all leaves, exact across ``axis_name``."""
-    leaves = jax.tree.leaves(a)
-    local = jnp.max(jnp.stack([jnp.max(_acc(x)) for x in leaves]))
+    """max over all entries of all leaves, exact across ``axis_name`` (-inf for an empty tree)."""
+    leaves = [jnp.max(_acc(x)) for x in jax.tree.leaves(a) if jnp.size(x)]
+    local = jnp.max(jnp.stack(leaves)) if leaves else jnp.asarray(-jnp.inf, accumulation_dtype())
     return pmax(local, axis_name)
+
+
+def tree_all(a: Any) -> jax.Array | bool:
+    """Logical and of a tree of boolean scalars (True for an empty tree)."""
+    leaves = jax.tree.leaves(a)
+    return jnp.all(jnp.stack(leaves)) if leaves else jnp.ones((), bool)
 
 
 def leaf_reduce_sum(fn: Callable[..., jax.Array], *trees: Any, axis_name: AxisName = None) -> Any:
@@ -106,18 +125,3 @@ def leaf_reduce_sum(fn: Callable[..., jax.Array], *trees: Any, axis_name: AxisNa
     """
     local = jax.tree.map(lambda *ls: jnp.sum(_acc(fn(*ls))), *trees)
     return psum(local, axis_name)
-
-
-def tree_where(pred: jax.Array, on_true: Any, on_false: Any) -> Any:
-    """Leafwise ``jnp.where(pred, a, b)`` for a scalar ``pred`` (skip a step without a branch)."""
-    return jax.tree.map(lambda a, b: jnp.where(pred, a, b), on_true, on_false)
-
-
-def check_same_structure(name: str, tree: Any, ref_name: str, ref: Any) -> None:
-    """Raise a ValueError at trace time when two pytrees differ in structure."""
-    got, want = jax.tree.structure(tree), jax.tree.structure(ref)
-    if got != want:
-        raise ValueError(
-            f"`{name}` has tree structure {got} but `{ref_name}` has {want}. "
-            f"Pass `{name}` with the same structure as the `{ref_name}` the optimizer was initialised with."
-        )

@@ -17,21 +17,40 @@ Randomness is drawn per particle from ``fold_in(fold_in(key, step), global_parti
 the trajectory does not depend on how the particles are laid out over devices: with
 ``axis_name`` set and the particles sharded under ``shard_map``, every step equals the unsharded
 one up to the summation order of the consensus ``psum``.
+
+Rules for bad values (each tested in ``tests/optim/test_bad_input.py``):
+
+* Hyperparameters are checked when the transform is built (``ValueError``/``TypeError`` naming
+  the argument); ``optax.inject_hyperparams(optim.cbo)(sigma=1.0)`` works, its injected values
+  are checked when concrete (under ``jit`` they are traced and taken as given).
+* A particle whose loss or position is NaN/Inf has weight zero in the consensus (see
+  ``optim._consensus``); if no loss is finite the consensus is the mean of the finite
+  positions; if no particle counts, the previous consensus is kept. Such a particle still
+  moves toward the consensus, but a non-finite position cannot be repaired by an update
+  (``x + step`` stays non-finite): :func:`cbo_minimize` puts it back at the consensus.
+* ``alpha`` is clamped to ``[alpha_min, alpha_max]`` and to the largest finite float of the
+  losses' dtype (a Python ``1e39`` in float32, or growth past the range, is the argmin limit,
+  never NaN); a callable ``alpha_schedule`` returning NaN keeps the previous alpha.
+* The state is plain arrays (the key as raw ``jax.random.key_data``), so it round-trips
+  through ``flax.serialization`` and orbax; the transform is hashable and equal by value, so
+  a new but identical ``optim.cbo(...)`` reuses ``cbo_minimize``'s compiled loop.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import functools
 import math
-import sys
 from typing import Any, Callable, NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 
+from optim import _consensus as C
 from optim import _tree
+from optim import _validate as V
+from optim._consensus import consensus_point, ess_alpha
 
 __all__ = ["CBOState", "CBOHistory", "CBOResult", "cbo", "polar_cbo", "cbs", "cbo_minimize", "consensus_point",
            "ess_alpha"]
@@ -47,7 +66,9 @@ class CBOState(NamedTuple):
     """State of :func:`cbo`, :func:`polar_cbo` and :func:`cbs`.
 
     Attributes:
-      key: typed PRNG key, shape=(); fixed, each step folds in ``count``.
+      key: raw PRNG key data (``jax.random.key_data``), uint32, shape=(2,) for threefry2x32
+        or (4,) for rbg/unsafe_rbg; fixed, each step folds in ``count``. Plain data, so the
+        state serializes; the transform wraps it with its key implementation.
       count: shape=(), dtype=int32; steps taken so far.
       alpha: shape=(), float; the alpha used at the last step (the initial alpha before any step).
       consensus: pytree like one particle (no particle axis); the alpha-weighted consensus of the
@@ -67,7 +88,7 @@ class CBOState(NamedTuple):
 
 @dataclasses.dataclass(frozen=True)
 class _Config:
-    """Static, hashable configuration shared by every consensus transform."""
+    """Static configuration shared by every consensus transform (numbers may be traced when injected)."""
 
     noise: str  # "anisotropic" | "isotropic" | "covariance" (cbs)
     sigma: float
@@ -93,64 +114,88 @@ class _Config:
     kernel_factor: str = "alpha"
     cbs_mode: str | None = None
     axis_name: Any = None
+    key_impl: str | None = None  # the PRNG implementation the state's raw key data is wrapped with
+
+    def spec(self) -> tuple:
+        """A hashable value identifying the configuration (concrete numbers by value)."""
+        return tuple(_spec(getattr(self, f.name)) for f in dataclasses.fields(self))
+
+
+def _spec(value) -> Any:
+    """Hashable stand-in: numbers by value, other hashables as they are, the rest by identity."""
+    v = V.concrete(value) if not isinstance(value, (str, bool, type(None))) and not callable(value) else None
+    if v is not None:
+        return ("number", v)
+    try:
+        hash(value)
+        return value
+    except TypeError:
+        return ("object", id(value))
 
 
 # ----------------------------------------------------------------------------------------------
 # validation
 
 
-def _fail(arg, value, expected, fix):
-    raise ValueError(f"`{arg}`={value!r} is invalid: expected {expected}. {fix}")
-
-
-def _check_choice(arg, value, choices):
-    if value not in choices:
-        _fail(arg, value, "one of " + ", ".join(repr(c) for c in choices), "Pick one of those.")
-
-
-def _check_positive(arg, value, allow_zero=False):
-    ok = isinstance(value, (int, float)) and math.isfinite(value) and (value >= 0 if allow_zero else value > 0)
-    if not ok:
-        bound = ">= 0" if allow_zero else "> 0"
-        _fail(arg, value, f"a finite number {bound}", f"Pass a finite `{arg}` {bound}.")
+def _static(x) -> bool:
+    return V.concrete(x) is not None
 
 
 def _validate(cfg: _Config) -> None:
     if cfg.cbs_mode is None:
-        _check_choice("noise", cfg.noise, _NOISES)
-    _check_choice("scheme", cfg.scheme, _SCHEMES)
-    _check_choice("correction", cfg.correction, _CORRECTIONS)
-    _check_positive("sigma", cfg.sigma, allow_zero=True)
-    _check_positive("lambda_", cfg.lambda_, allow_zero=True)
-    _check_positive("dt", cfg.dt)
-    _check_positive("alpha", cfg.alpha)
-    _check_positive("alpha_growth", cfg.alpha_growth)
-    _check_positive("alpha_max", cfg.alpha_max)
-    _check_positive("alpha_min", cfg.alpha_min)
-    _check_positive("correction_eps", cfg.correction_eps)
-    _check_positive("lambda_memory", cfg.lambda_memory, allow_zero=True)
-    _check_positive("sigma_memory", cfg.sigma_memory, allow_zero=True)
-    _check_positive("gradient_weight", cfg.gradient_weight, allow_zero=True)
-    if cfg.alpha_max < cfg.alpha or cfg.alpha_min > cfg.alpha:
-        _fail("alpha", cfg.alpha, f"alpha_min={cfg.alpha_min} <= alpha <= alpha_max={cfg.alpha_max}",
-              "Raise `alpha_max`, lower `alpha_min`, or change `alpha`.")
-    if not (callable(cfg.alpha_schedule) or cfg.alpha_schedule in ("multiply", "ess")):
-        _fail("alpha_schedule", cfg.alpha_schedule, "'multiply', 'ess' or a callable count -> alpha",
-              "Use 'multiply' with `alpha_growth`/`alpha_max`, 'ess' with `ess_target`, or an optax schedule.")
-    if not 0.0 < cfg.ess_target <= 1.0:
-        _fail("ess_target", cfg.ess_target, "a fraction of the particles in (0, 1]", "Pass e.g. ess_target=0.5.")
+        V.choice("noise", cfg.noise, _NOISES)
+    V.choice("scheme", cfg.scheme, _SCHEMES)
+    V.choice("correction", cfg.correction, _CORRECTIONS)
+    V.nonnegative("sigma", cfg.sigma, "CBXpy's anchor uses 10.1 (anisotropic); 0 switches the noise off.")
+    V.nonnegative("lambda_", cfg.lambda_, "1 is the usual drift strength.")
+    V.positive("dt", cfg.dt, "CBXpy uses 0.01.")
+    C.check_alpha(cfg.alpha)
+    V.positive("alpha", cfg.alpha, "CBXpy starts at 30.")
+    V.positive("alpha_growth", cfg.alpha_growth, "1.05 grows alpha 5 % per step; 1 keeps it fixed.")
+    V.positive("alpha_max", cfg.alpha_max, "CBXpy caps at 1e5; values beyond the losses' float range act as it.")
+    V.positive("alpha_min", cfg.alpha_min, "The default is 1e-5.")
+    V.positive("correction_eps", cfg.correction_eps, "The default is 1e-3.")
+    V.nonnegative("lambda_memory", cfg.lambda_memory, "CBXpy uses 0.4.")
+    V.nonnegative("sigma_memory", cfg.sigma_memory, "The default is lambda_memory * sigma.")
+    V.nonnegative("gradient_weight", cfg.gradient_weight, "0 switches the gradient drift off.")
+    lo, a, hi = (V.concrete(x) for x in (cfg.alpha_min, cfg.alpha, cfg.alpha_max))
+    if None not in (lo, a, hi) and not lo <= a <= hi:
+        V.fail("alpha", cfg.alpha, f"between alpha_min={cfg.alpha_min!r} and alpha_max={cfg.alpha_max!r}",
+               "Raise `alpha_max`, lower `alpha_min`, or change `alpha`.")
+    lam, dt = V.concrete(cfg.lambda_), V.concrete(cfg.dt)
+    if cfg.cbs_mode is None and cfg.scheme == "euler_maruyama" and None not in (lam, dt) and lam * dt >= 2:
+        V.fail("dt", cfg.dt, f"< 2 / lambda_ = {2 / lam:g} with scheme='euler_maruyama' (each step multiplies "
+               f"x - c by 1 - lambda_ dt = {1 - lam * dt:g}, which diverges)",
+               "Use a smaller `dt` (CBXpy uses 0.01), or scheme='exact_drift', which is stable for any dt.")
+    if not (callable(cfg.alpha_schedule) or (isinstance(cfg.alpha_schedule, str)
+                                             and cfg.alpha_schedule in ("multiply", "ess"))):
+        V.fail("alpha_schedule", cfg.alpha_schedule, "'multiply', 'ess' or a callable count -> alpha",
+               "Use 'multiply' with `alpha_growth`/`alpha_max`, 'ess' with `ess_target`, or an optax schedule "
+               "(with optax.inject_hyperparams pass static_args=('alpha_schedule',)).")
+    V.schedule("alpha_schedule", cfg.alpha_schedule, _check_alpha_value)
+    V.interval("ess_target", cfg.ess_target, 0.0, 1.0, lo_closed=False, hi_closed=True,
+               hint="It is a fraction of the particles; pass e.g. ess_target=0.5.")
     if cfg.noise_truncation is not None:
-        _check_positive("noise_truncation", cfg.noise_truncation)
+        V.positive("noise_truncation", cfg.noise_truncation, "It is M in sigma * min(||x - c||, M).")
     if cfg.batch_size is not None:
-        if not isinstance(cfg.batch_size, int) or isinstance(cfg.batch_size, bool) or cfg.batch_size < 1:
-            _fail("batch_size", cfg.batch_size, "a positive int or None", "Pass the particles per random batch.")
+        if V.is_traced(cfg.batch_size):
+            V.fail("batch_size", "a traced value", "a static Python int",
+                   "It sets shapes; with optax.inject_hyperparams pass static_args=('batch_size',).", TypeError)
+        V.static_int("batch_size", cfg.batch_size, 1, "Pass the particles per random batch.")
         if cfg.axis_name is not None:
-            _fail("batch_size", cfg.batch_size, "None when `axis_name` is set",
-                  "The random batch method permutes all particles; use it on one device, or drop `axis_name`.")
+            V.fail("batch_size", cfg.batch_size, "None when `axis_name` is set",
+                   "The random batch method permutes all particles; use it on one device, or drop `axis_name`.")
     if cfg.kernel is not None:
-        _check_choice("kernel", cfg.kernel, _KERNELS)
-        _check_choice("kernel_factor", cfg.kernel_factor, ("alpha", "const"))
-        _check_positive("kappa", cfg.kappa if cfg.kappa != math.inf else 1.0)
+        V.choice("kernel", cfg.kernel, _KERNELS)
+        V.choice("kernel_factor", cfg.kernel_factor, ("alpha", "const"))
+        k = V.concrete(cfg.kappa)
+        if k is not None and not k > 0:
+            V.fail("kappa", cfg.kappa, "a number > 0 (math.inf gives plain CBO)", "Pass the kernel width.")
+
+
+def _check_alpha_value(name, value, hint):
+    if not (value > 0):  # NaN fails too
+        V.fail(name, value, "a number > 0", hint)
 
 
 def _check_inputs(params, value, updates, cfg: _Config):
@@ -160,6 +205,7 @@ def _check_inputs(params, value, updates, cfg: _Config):
     leaves = jax.tree.leaves_with_path(params)
     if not leaves:
         raise ValueError("`params` has no array leaves; pass a pytree of particles with a leading particle axis.")
+    V.float_tree("cbo", "params", params)
     sizes = set()
     for path, leaf in leaves:
         shape = jnp.shape(leaf)
@@ -168,9 +214,6 @@ def _check_inputs(params, value, updates, cfg: _Config):
                 f"`params` leaf {jax.tree_util.keystr(path) or '<root>'} has shape () but consensus transforms "
                 "need a leading particle axis. Stack the particles as (num_particles, ...), e.g. "
                 "`jnp.stack([x1, x2, ...])` or `jax.vmap(init)(keys)`.")
-        if not jnp.issubdtype(jnp.result_type(leaf), jnp.floating):
-            raise ValueError(f"`params` leaf {jax.tree_util.keystr(path)} has dtype {jnp.result_type(leaf)}; "
-                             "particles must be floating point.")
         sizes.add(shape[0])
     if len(sizes) != 1:
         raise ValueError(f"`params` leaves have different leading (particle) sizes {sorted(sizes)}; every leaf "
@@ -183,9 +226,12 @@ def _check_inputs(params, value, updates, cfg: _Config):
         raise ValueError(
             f"`value` has shape {jnp.shape(value)} but `params` holds {n} particles; expected shape ({n},). "
             "Evaluate the loss per particle, e.g. `jax.vmap(loss)(params)`.")
+    if not jnp.issubdtype(jnp.result_type(value), jnp.floating):
+        V.fail("value", f"an array of dtype {jnp.result_type(value)}", "floating-point losses",
+               "Cast the losses, e.g. `losses.astype(jnp.float32)`.", TypeError)
     if cfg.batch_size is not None and n % cfg.batch_size:
         raise ValueError(f"`batch_size`={cfg.batch_size} does not divide the {n} particles; pick a divisor of {n}.")
-    if cfg.gradient_weight > 0:
+    if _static(cfg.gradient_weight) and V.concrete(cfg.gradient_weight) > 0:
         if updates is None or jax.tree.structure(updates) != jax.tree.structure(params):
             raise ValueError("`gradient_weight` > 0 needs the per-particle gradients in `updates`, a pytree "
                              "shaped like `params`; pass `jax.vmap(jax.grad(f))(params)`.")
@@ -193,108 +239,54 @@ def _check_inputs(params, value, updates, cfg: _Config):
 
 
 # ----------------------------------------------------------------------------------------------
-# consensus numerics
+# keys: the state holds raw key data; the transform knows the implementation
 
 
-def _shifted(value, axis_name):
-    """f - f_min over all particles (pmin across devices); non-finite losses become +inf.
-
-    Returns ``(shift, finite, any_finite)``; ``shift`` is 0 at the argmin, so exp(-alpha*shift)
-    lies in [0, 1] for any alpha and never overflows.
-    """
-    finite = jnp.isfinite(value)
-    safe = jnp.where(finite, value, jnp.inf)
-    fmin = _tree.pmin(jnp.min(safe), axis_name)
-    any_finite = jnp.isfinite(fmin)
-    shift = jnp.where(finite, safe - jnp.where(any_finite, fmin, 0.0), jnp.inf)
-    return shift, finite, any_finite
+def _impl_name(key) -> str:
+    return str(jax.random.key_impl(key))
 
 
-def _weights(shift, finite, any_finite, alpha):
-    """Unnormalised Gibbs weights in [0, 1]; uniform if no particle has a finite loss."""
-    w = jnp.where(finite, jnp.exp(-alpha * jnp.where(finite, shift, 0.0)), 0.0)
-    return jnp.where(any_finite, w, jnp.ones_like(w))
+def _default_impl_for(shape) -> str:
+    default = jax.random.key_data(jax.random.key(0))
+    if tuple(shape) == tuple(default.shape):
+        return _impl_name(jax.random.key(0))
+    return {(2,): "threefry2x32", (4,): "rbg"}.get(tuple(shape), _impl_name(jax.random.key(0)))
 
 
-def _weighted_mean(w, points, axis_name):
-    """sum_i w_i x_i / sum_i w_i over the leading axis, psum'ed over devices; zero-weight points
-    (possibly non-finite) contribute nothing."""
-    keep = w > 0
-    den = _tree.psum(jnp.sum(w), axis_name)
-
-    def leaf_mean(x):
-        xs = jnp.where(keep.reshape((-1,) + (1,) * (x.ndim - 1)), x, jnp.zeros((), x.dtype))
-        num = jnp.tensordot(w.astype(x.dtype), xs, axes=(0, 0))
-        return (_tree.psum(num, axis_name) / den).astype(x.dtype)
-
-    return jax.tree.map(leaf_mean, points)
+def _is_typed(key) -> bool:
+    return isinstance(key, jax.Array) and jnp.issubdtype(key.dtype, jax.dtypes.prng_key)
 
 
-def consensus_point(points, value, alpha, axis_name=None):
-    """The CBO consensus ``sum_i w_i x_i / sum_i w_i``, ``w_i = exp(-alpha (f_i - min_j f_j))``.
-
-    Numerically safe for any ``alpha * f`` (the shift makes every exponent <= 0) and exact across
-    devices: ``f_min`` by ``pmin``, numerator and denominator by ``psum``. Particles with a
-    non-finite loss get weight zero; if no particle has a finite loss the weights are uniform.
-
-    Args:
-      points: pytree of particles with a leading particle axis.
-      value: shape (N,), the losses at ``points``.
-      alpha: scalar inverse temperature.
-      axis_name: mapped axis the particles are sharded over, or None.
-
-    Returns:
-      A pytree like one particle.
-
-    Example:
-      >>> import jax.numpy as jnp
-      >>> c = consensus_point(jnp.array([[0.0], [1.0]]), jnp.array([0.0, 1e12]), 1.0)
-      >>> float(c[0])
-      0.0
-    """
-    shift, finite, any_finite = _shifted(value, axis_name)
-    return _weighted_mean(_weights(shift, finite, any_finite, alpha), points, axis_name)
+def _key_data(key, impl: str | None):
+    """Raw uint32 key data from an int seed, a typed key or raw data (checked against ``impl``)."""
+    if isinstance(key, (bool, np.bool_)) or isinstance(key, float):
+        V.fail("key", key, "an int seed or a PRNG key", "Pass e.g. key=0 or key=jax.random.key(0).", TypeError)
+    if isinstance(key, (int, np.integer)) or (hasattr(key, "dtype") and jnp.issubdtype(key.dtype, jnp.integer)
+                                               and jnp.ndim(key) == 0):
+        return jax.random.key_data(jax.random.key(key, impl=impl))
+    if _is_typed(key):
+        if jnp.ndim(key) != 0:
+            V.fail("key", f"a key array of shape {key.shape}", "one PRNG key (shape ())",
+                   "Split outside and pass one key per run (vmap over runs).")
+        if impl is not None and _impl_name(key) != impl:
+            V.fail("key", f"a key with impl {_impl_name(key)!r}", f"a key with impl {impl!r} (the transform's)",
+                   f"Build the transform with that implementation: `optim.cbo(..., key=jax.random.key(0, "
+                   f"impl={_impl_name(key)!r}))`.")
+        return jax.random.key_data(key)
+    data = jnp.asarray(key)
+    if data.dtype != jnp.uint32 or data.ndim != 1:
+        V.fail("key", f"an array of shape {data.shape} and dtype {data.dtype}",
+               "an int seed, a typed PRNG key, or raw uint32 key data", "Pass e.g. key=jax.random.key(0).",
+               TypeError)
+    return data
 
 
-def ess_alpha(value, target, alpha_min, alpha_max, axis_name=None, iterations=48):
-    """The largest alpha in [alpha_min, alpha_max] whose effective sample size is >= target * N.
-
-    ``ESS(alpha) = (sum w)^2 / sum w^2`` with ``w = exp(-alpha (f - f_min))`` is non-increasing in
-    alpha; it is solved by bisection in ``log alpha`` (CBXpy bisects alpha linearly and cannot
-    resolve alpha below ~1.5). N counts the particles with a finite loss.
-    """
-    shift, finite, _ = _shifted(value, axis_name)
-    s = jnp.where(finite, shift, 0.0)
-    n = _tree.psum(jnp.sum(finite.astype(s.dtype)), axis_name)
-
-    def ess_fraction(log_alpha):
-        w = jnp.where(finite, jnp.exp(-jnp.exp(log_alpha) * s), 0.0)
-        sums = _tree.psum(jnp.stack([jnp.sum(w), jnp.sum(w * w)]), axis_name)
-        return sums[0] ** 2 / jnp.maximum(sums[1], jnp.finfo(s.dtype).tiny) / jnp.maximum(n, 1.0)
-
-    lo, hi = jnp.log(jnp.asarray(alpha_min, s.dtype)), jnp.log(jnp.asarray(alpha_max, s.dtype))
-
-    def body(_, bounds):
-        lo, hi = bounds
-        mid = 0.5 * (lo + hi)
-        ok = ess_fraction(mid) >= target
-        return jnp.where(ok, mid, lo), jnp.where(ok, hi, mid)
-
-    lo_f, hi_f = jax.lax.fori_loop(0, iterations, body, (lo, hi))
-    return jnp.exp(jnp.where(ess_fraction(hi) >= target, hi, lo_f))
-
-
-# ----------------------------------------------------------------------------------------------
-# randomness
-
-
-def _as_key(key):
-    if isinstance(key, int):
-        return jax.random.key(key)
-    key = jnp.asarray(key) if not isinstance(key, jax.Array) else key
-    if jnp.issubdtype(key.dtype, jax.dtypes.prng_key):
-        return key
-    return jax.random.wrap_key_data(key)
+def _step_key(cfg: _Config, data, override=None):
+    """The typed key of this step: ``override`` (a typed key) or the state's data wrapped with the impl."""
+    if override is not None:
+        return override if _is_typed(override) else jax.random.wrap_key_data(
+            _key_data(override, cfg.key_impl), impl=cfg.key_impl or _default_impl_for(jnp.shape(override)))
+    return jax.random.wrap_key_data(data, impl=cfg.key_impl or _default_impl_for(data.shape))
 
 
 def _particle_normals(key, count, n_local, shape, dtype, axis_name):
@@ -320,67 +312,79 @@ def _split_flat(flat, like):
     return jax.tree.unflatten(treedef, out)
 
 
-def _bcast(v, x):
-    """Per-particle (N,) vector reshaped to broadcast against a leaf (N, ...)."""
-    return v.reshape((-1,) + (1,) * (x.ndim - 1))
+_bcast = C._bcast
 
 
 # ----------------------------------------------------------------------------------------------
 # the transform
 
 
-def _alpha_at(cfg: _Config, count, value, dtype):
+def _sqrt(x):
+    v = V.concrete(x)
+    return math.sqrt(v) if v is not None else jnp.sqrt(x)
+
+
+def _alpha_at(cfg: _Config, state, value, usable, dtype):
+    """This step's alpha: the schedule's, clamped to [alpha_min, alpha_max] and the dtype's finite range."""
     if cfg.alpha_schedule == "multiply":
-        growth = jnp.exp(count.astype(dtype) * math.log(cfg.alpha_growth))
-        return jnp.clip(cfg.alpha * growth, cfg.alpha_min, cfg.alpha_max).astype(dtype)
-    if cfg.alpha_schedule == "ess":
-        return ess_alpha(value, cfg.ess_target, cfg.alpha_min, cfg.alpha_max, cfg.axis_name).astype(dtype)
-    return jnp.clip(jnp.asarray(cfg.alpha_schedule(count), dtype), cfg.alpha_min, cfg.alpha_max)
+        growth = jnp.exp(state.count.astype(dtype) * jnp.log(jnp.asarray(cfg.alpha_growth, dtype)))
+        alpha = cfg.alpha * growth
+    elif cfg.alpha_schedule == "ess":
+        alpha = ess_alpha(value, cfg.ess_target, cfg.alpha_min, cfg.alpha_max, cfg.axis_name, usable=usable)
+    else:
+        alpha = jnp.asarray(cfg.alpha_schedule(state.count), dtype)
+        alpha = jnp.where(jnp.isnan(alpha), state.alpha.astype(dtype), alpha)  # a NaN keeps the last alpha
+    big = jnp.finfo(dtype).max
+    lo = jnp.minimum(jnp.asarray(cfg.alpha_min, dtype), big)
+    hi = jnp.minimum(jnp.asarray(cfg.alpha_max, dtype), big)
+    return jnp.clip(jnp.asarray(alpha, dtype), lo, hi)
 
 
-def _local_consensus(cfg: _Config, points, value, alpha, key, count):
-    """Per-particle consensus points (leaves (N, ...)) for the random batch and polar variants."""
-    n = value.shape[0]
-    shift, finite, any_finite = _shifted(value, None)
-    if cfg.kernel is not None:
-        flat = jnp.concatenate([x.reshape(n, -1) for x in jax.tree.leaves(points)], axis=1)
-        d2 = jnp.sum((flat[:, None, :] - flat[None, :, :]) ** 2, axis=-1)
-        if cfg.kernel == "gaussian":
-            neglog = d2 / (2 * cfg.kappa**2)
-        else:
-            neglog = jnp.sqrt(d2) / cfg.kappa
-        factor = alpha if cfg.kernel_factor == "alpha" else 1.0
-        logits = -factor * neglog - alpha * jnp.where(finite, shift, 0.0)[None, :]
-        logits = jnp.where(finite[None, :] | ~any_finite, logits, -jnp.inf)
-        w = jax.nn.softmax(logits, axis=1)  # (N, N): row i = weights of particle i's consensus
-        keep = finite | ~any_finite
-        return jax.tree.map(
-            lambda x: jnp.tensordot(w.astype(x.dtype), jnp.where(_bcast(keep, x), x, 0), axes=(1, 0)), points)
-    # random batch method: a fresh permutation each step, one consensus per batch of particles
-    b = cfg.batch_size
-    perm = jax.random.permutation(jax.random.fold_in(jax.random.fold_in(key, count), n), n)
-    w = _weights(shift, finite, any_finite, alpha)[perm].reshape(n // b, b)
-    batch_of = jnp.zeros(n, jnp.int32).at[perm].set(jnp.arange(n, dtype=jnp.int32) // b)
-
-    def leaf(x):
-        xb = x[perm].reshape((n // b, b) + x.shape[1:])
-        xb = jnp.where(w.reshape(w.shape + (1,) * (x.ndim - 1)) > 0, xb, 0)
-        num = jnp.einsum("kb,kb...->k...", w.astype(x.dtype), xb)
-        den = jnp.sum(w, axis=1)
-        # a batch where every loss is non-finite keeps its own mean instead of 0/0
-        cb = num / jnp.where(den > 0, den, 1.0).reshape((-1,) + (1,) * (x.ndim - 1)).astype(x.dtype)
-        return cb[batch_of]
-
-    return jax.tree.map(leaf, points)
+def _count_evaluations(value_fn, k: int) -> None:
+    """Tell :func:`cbo_minimize`'s counting objective how many evaluations this step makes (trace time)."""
+    note = getattr(value_fn, "note_evaluations", None)
+    if note is not None:
+        note(k)
 
 
-def _make(cfg: _Config, key) -> optax.GradientTransformationExtraArgs:
-    _validate(cfg)
-    init_key = key
+@dataclasses.dataclass(frozen=True, eq=False)
+class _Part:
+    """Base of the init/update callables: equal and hashable by configuration, so two identical
+    transforms are equal and a jit cache keyed on them is reused."""
 
-    def init_fn(params, key=None):
+    cfg: _Config
+
+    def _id(self) -> tuple:
+        return (type(self).__name__, self.cfg.spec()) + self._extra()
+
+    def _extra(self) -> tuple:
+        return ()
+
+    def __eq__(self, other):
+        return type(other) is type(self) and self._id() == other._id()
+
+    def __hash__(self):
+        return hash(self._id())
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class _Init(_Part):
+    key: Any = 0
+
+    def _extra(self) -> tuple:
+        key = self.key
+        if _is_typed(key) and not V.is_traced(key):
+            return ("key", tuple(np.asarray(jax.random.key_data(key)).ravel().tolist()), _impl_name(key))
+        if isinstance(key, (jax.Array, np.ndarray)) and not V.is_traced(key):
+            return ("data", tuple(np.asarray(key).ravel().tolist()))
+        return (_spec(key),)
+
+    def __call__(self, params, key=None):
+        cfg = self.cfg
         leaves = jax.tree.leaves(params)
-        dtype = jnp.result_type(*leaves) if leaves else jnp.result_type(float)
+        if leaves:
+            V.float_tree("cbo", "params", params)
+        dtype = jnp.promote_types(jnp.result_type(*leaves), jnp.float32) if leaves else jnp.result_type(float)
         consensus = jax.tree.map(lambda x: jnp.zeros(jnp.shape(x)[1:], jnp.result_type(x)), params)
         memory = memory_value = None
         if cfg.memory:
@@ -388,7 +392,7 @@ def _make(cfg: _Config, key) -> optax.GradientTransformationExtraArgs:
             n = jnp.shape(leaves[0])[0]
             memory_value = jnp.full((n,), jnp.inf, dtype)
         return CBOState(
-            key=_as_key(init_key if key is None else key),
+            key=_key_data(self.key if key is None else key, cfg.key_impl),
             count=jnp.zeros((), jnp.int32),
             alpha=jnp.asarray(cfg.alpha, dtype),
             consensus=consensus,
@@ -396,40 +400,56 @@ def _make(cfg: _Config, key) -> optax.GradientTransformationExtraArgs:
             memory_value=memory_value,
         )
 
-    def update_fn(updates, state, params=None, *, value=None, value_fn=None, **extra):
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class _Update(_Part):
+
+    def __call__(self, updates, state, params=None, *, value=None, value_fn=None, key=None, **extra):
         del extra
+        cfg = self.cfg
         n = _check_inputs(params, value, updates, cfg)
         leaves = jax.tree.leaves(params)
         dtype = jnp.result_type(*leaves)
-        value = jnp.asarray(value).astype(jnp.promote_types(jnp.result_type(value), jnp.float32))
+        value = jnp.asarray(value)
+        value = value.astype(jnp.promote_types(value.dtype, jnp.float32))
         if cfg.correction is not None and value_fn is None:
             raise ValueError(f"`correction`={cfg.correction!r} compares f(x_i) with f(consensus) and needs the "
                              "objective: call `update(..., value=losses, value_fn=f)` with `f` mapping one "
                              "particle to its loss.")
+        step_key = _step_key(cfg, state.key, key)
+        usable = C.finite_positions(params)
 
         memory, memory_value = state.memory, state.memory_value
         if cfg.memory:
-            better = jnp.isfinite(value) & ~(value >= memory_value)
+            better = jnp.isfinite(value) & usable & ~(value >= memory_value)
             memory = jax.tree.map(lambda y, x: jnp.where(_bcast(better, x), x, y), memory, params)
             memory_value = jnp.where(better, value.astype(memory_value.dtype), memory_value)
-            points, point_value = memory, memory_value
+            points, point_value, point_usable = memory, memory_value, C.finite_positions(memory)
         else:
-            points, point_value = params, value
+            points, point_value, point_usable = params, value, usable
 
-        alpha = _alpha_at(cfg, state.count, point_value, value.dtype)
-        consensus = consensus_point(points, point_value, alpha, cfg.axis_name)
-        if cfg.batch_size is not None or cfg.kernel is not None:
-            local = _local_consensus(cfg, points, point_value, alpha, state.key, state.count)
-            drift = jax.tree.map(jnp.subtract, params, local)
-        else:
-            local = None
+        alpha = _alpha_at(cfg, state, point_value, point_usable, value.dtype)
+        w = C.weights(point_value, point_usable, alpha, cfg.axis_name)
+        consensus = C.weighted_mean(w, points, cfg.axis_name, fallback=state.consensus)
+        local = None
+        if cfg.kernel is not None:
+            local = C.kernel_consensus(points, point_value, point_usable, alpha, cfg.kernel, cfg.kappa,
+                                       cfg.kernel_factor, consensus)
+        elif cfg.batch_size is not None:
+            perm = jax.random.permutation(jax.random.fold_in(jax.random.fold_in(step_key, state.count), n), n)
+            local = C.batch_consensus(points, point_value, point_usable, alpha, cfg.batch_size, perm, consensus)
+        if local is None:
             drift = jax.tree.map(lambda x, c: x - c[None], params, consensus)
+        else:
+            drift = jax.tree.map(jnp.subtract, params, local)
 
         if cfg.correction is not None:
             if local is None:
                 f_c = jnp.broadcast_to(value_fn(consensus), (n,))
+                _count_evaluations(value_fn, 1)
             else:
                 f_c = jax.vmap(value_fn)(local)
+                _count_evaluations(value_fn, n)
             z = value - f_c.astype(value.dtype)
             if cfg.correction == "heaviside":
                 h = (z > 0).astype(value.dtype)
@@ -442,28 +462,30 @@ def _make(cfg: _Config, key) -> optax.GradientTransformationExtraArgs:
         if cfg.scheme == "euler_maruyama":
             decay = cfg.lambda_ * cfg.dt
         else:  # exact relaxation of dx = -lambda (x - c) dt over one step, frozen c
-            decay = -math.expm1(-cfg.lambda_ * cfg.dt)
+            ld = V.concrete(cfg.lambda_ * cfg.dt) if _static(cfg.lambda_) and _static(cfg.dt) else None
+            decay = -math.expm1(-ld) if ld is not None else -jnp.expm1(-cfg.lambda_ * cfg.dt)
 
         flat_size = sum(math.prod(x.shape[1:]) for x in leaves)
         if cfg.cbs_mode is not None:
-            step = _cbs_step(cfg, params, points, point_value, consensus, alpha, state, n, dtype)
+            step = _cbs_step(cfg, params, points, point_usable, w, consensus, alpha, step_key, state.count, n,
+                             dtype)
         else:
-            # draw only the normals a nonzero noise term needs (sigma = 0 runs draw none)
-            noisy = [cfg.sigma > 0, cfg.memory and cfg.sigma_memory > 0]
+            # draw only the normals a nonzero noise term needs (a static sigma = 0 draws none)
+            noisy = [not _is_zero(cfg.sigma), bool(cfg.memory) and not _is_zero(cfg.sigma_memory)]
             if any(noisy):
-                xi = _particle_normals(state.key, state.count, n, (sum(noisy), flat_size), dtype, cfg.axis_name)
+                xi = _particle_normals(step_key, state.count, n, (sum(noisy), flat_size), dtype, cfg.axis_name)
             step = jax.tree.map(lambda dc: -decay * dc, drift_corrected)
             if noisy[0]:
-                scale = cfg.sigma * math.sqrt(cfg.dt)
+                scale = cfg.sigma * _sqrt(cfg.dt)
                 step = jax.tree.map(lambda s, e: s + scale * e, step, _noise(cfg, drift, xi[:, 0], params))
             if cfg.memory:
                 to_memory = jax.tree.map(jnp.subtract, params, memory)
                 step = jax.tree.map(lambda s, m: s - cfg.lambda_memory * cfg.dt * m, step, to_memory)
                 if noisy[1]:
-                    scale = cfg.sigma_memory * math.sqrt(cfg.dt)
+                    scale = cfg.sigma_memory * _sqrt(cfg.dt)
                     step = jax.tree.map(lambda s, e: s + scale * e, step,
                                         _noise(cfg, to_memory, xi[:, sum(noisy) - 1], params))
-        if cfg.gradient_weight > 0:
+        if not _is_zero(cfg.gradient_weight) and updates is not None:
             step = jax.tree.map(lambda s, g: s - (cfg.gradient_weight * cfg.dt) * g.astype(s.dtype), step, updates)
         step = jax.tree.map(lambda s, x: s.astype(x.dtype), step, params)
 
@@ -477,7 +499,17 @@ def _make(cfg: _Config, key) -> optax.GradientTransformationExtraArgs:
         )
         return step, new_state
 
-    return optax.GradientTransformationExtraArgs(init_fn, update_fn)
+
+def _is_zero(x) -> bool:
+    return V.concrete(x) == 0.0
+
+
+def _make(cfg: _Config, key) -> optax.GradientTransformationExtraArgs:
+    if _is_typed(key) and not V.is_traced(key):
+        cfg = dataclasses.replace(cfg, key_impl=_impl_name(key))
+    _validate(cfg)
+    _key_data(key, cfg.key_impl) if not V.is_traced(key) else None  # a bad key fails here, not in init
+    return optax.GradientTransformationExtraArgs(_Init(cfg, key), _Update(cfg))
 
 
 def _noise(cfg: _Config, drift, xi_flat, like):
@@ -494,25 +526,25 @@ def _noise(cfg: _Config, drift, xi_flat, like):
     return jax.tree.map(lambda e: _bcast(norm, e).astype(e.dtype) * e, xi)
 
 
-def _cbs_step(cfg: _Config, params, points, point_value, consensus, alpha, state, n, dtype):
+def _cbs_step(cfg: _Config, params, points, usable, w, consensus, alpha, key, count, n, dtype):
     """Consensus-based sampling: exact OU step toward c with covariance noise (asymmetric root).
 
     x <- c + e^{-dt}(x - c) + sqrt((1 - e^{-2 dt}) / lam) * sum_j sqrt(w_j) (x_j - c) xi_ij,
     lam = 1/(1 + alpha) (sampling) or 1 (optimization); sum_j sqrt(w_j)(x_j - c) xi_ij has the
-    alpha-weighted covariance of the ensemble, so no matrix square root is needed.
+    alpha-weighted covariance of the ensemble, so no matrix square root is needed. Members
+    with zero weight (non-finite loss or position) enter neither the mean nor the spread.
     """
-    shift, finite, any_finite = _shifted(point_value, None)
-    w = _weights(shift, finite, any_finite, alpha)
-    root_w = jnp.sqrt(w / jnp.sum(w))
-    xi = _particle_normals(state.key, state.count, n, (n,), dtype, None)  # (N, N): particle i, member j
-    beta = math.exp(-cfg.dt)
-    inv_lam = 1.0 + alpha if cfg.cbs_mode == "sampling" else 1.0
+    total = jnp.sum(w)
+    root_w = jnp.sqrt(w / jnp.where(total > 0, total, 1))
+    xi = _particle_normals(key, count, n, (n,), dtype, None)  # (N, N): particle i, member j
+    beta = jnp.exp(-jnp.asarray(cfg.dt, alpha.dtype))
+    inv_lam = 1.0 + alpha if cfg.cbs_mode == "sampling" else jnp.ones_like(alpha)
     noise_scale = jnp.sqrt((1.0 - beta**2) * inv_lam)
 
     def leaf(x, p, c):
         centred = jnp.where(_bcast(w > 0, p), p - c[None], 0)
         spread = jnp.tensordot(xi.astype(x.dtype), centred * _bcast(root_w, p).astype(x.dtype), axes=(1, 0))
-        return (beta - 1.0) * (x - c[None]) + noise_scale.astype(x.dtype) * spread
+        return (beta - 1.0).astype(x.dtype) * (x - c[None]) + noise_scale.astype(x.dtype) * spread
 
     return jax.tree.map(leaf, params, points, consensus)
 
@@ -576,16 +608,21 @@ def cbo(
     re-checked for the other.
 
     Numerics: the weights are shifted by the minimum loss (``pmin`` across ``axis_name``), so
-    ``alpha * f`` up to 1e12 and beyond never overflows. Particles whose loss is inf or NaN get
-    weight zero (their positions, even non-finite ones, do not enter the consensus); if every
-    loss is non-finite the weights are uniform. Such particles still move toward the consensus.
+    ``alpha * f`` up to the float range never overflows, and alpha itself is clamped to the
+    largest finite float of the losses' dtype (``alpha_max=1e39`` in float32 is the argmin
+    limit, not NaN). Particles whose loss or position is inf or NaN get weight zero (their
+    positions do not enter the consensus); if every loss is non-finite the weights are uniform
+    over the finite positions, and if no particle is usable the previous consensus is kept.
+    Such particles still move toward the consensus (see the module docstring for non-finite
+    positions).
 
     Args:
       noise: ``"anisotropic"`` (componentwise, dimension-free stability 2 lambda > sigma^2 in the
         mean-field limit) or ``"isotropic"`` (needs sigma^2 < 2 lambda / (d - 2)).
       sigma: noise strength (CBXpy's sigma; ConsensusBasedX's sigma is this / sqrt(2)).
       lambda_: drift strength toward the consensus.
-      dt: time step.
+      dt: time step; with ``scheme="euler_maruyama"`` it must satisfy ``lambda_ * dt < 2`` (the
+        drift multiplies ``x - c`` by ``1 - lambda_ dt`` each step).
       alpha: initial inverse temperature alpha_0.
       alpha_growth: multiplicative scheduler, ``alpha_k = min(alpha_0 * alpha_growth**k, alpha_max)``
         for step k = 0, 1, ... (CBXpy's default scheduler is 1.05 up to 1e5).
@@ -593,7 +630,9 @@ def cbo(
       alpha_min: lower cap for every scheduler (and the ESS solve's lower bracket).
       alpha_schedule: ``"multiply"`` (above), ``"ess"`` (each step, the largest alpha whose
         effective sample size ``(sum w)^2 / sum w^2`` is at least ``ess_target * N``, solved by
-        bisection in log alpha), or a callable ``count -> alpha`` such as an optax schedule.
+        bisection in log alpha), or a callable ``count -> alpha`` such as an optax schedule
+        (probed at step 0 when built: it must return a number > 0 there; a NaN it returns later
+        keeps the previous alpha, values outside the caps are clipped).
       ess_target: target ESS fraction for ``alpha_schedule="ess"``.
       scheme: ``"euler_maruyama"`` or ``"exact_drift"`` (see above).
       batch_size: random batch method (Carrillo, Jin, Li, Zhu 2021): each step permutes the
@@ -614,19 +653,27 @@ def cbo(
       sigma_memory: memory noise strength; defaults to ``lambda_memory * sigma`` (CBXpy).
       gradient_weight: gamma in the CBO-with-gradient drift ``-gamma dt g_i`` (Riedl 2023);
         ``updates`` must then hold the per-particle gradients. 0 ignores ``updates``.
-      key: int seed or PRNG key used by ``init``; ``init(params, key=...)`` overrides it (the
-        state's key can also be replaced with ``state._replace(key=...)``). Pass a key made with
-        ``jax.random.key(seed, impl=...)`` to choose the PRNG implementation.
+      key: int seed or PRNG key used by ``init``; ``init(params, key=...)`` overrides it, and
+        ``update(..., key=k)`` draws this step's noise from ``k`` instead of the state's key
+        (the state stores raw key data; replace it with
+        ``state._replace(key=jax.random.key_data(k))``). Pass a key made with
+        ``jax.random.key(seed, impl=...)`` to choose the PRNG implementation; it is part of
+        the transform's configuration.
       axis_name: mapped axis the particles are sharded over (``shard_map``/``pmap``); the
         consensus and the ESS solve then reduce over it with ``pmin``/``psum``.
 
     Returns:
       An ``optax.GradientTransformationExtraArgs`` with state :class:`CBOState`; its
-      ``update(updates, state, params, *, value, value_fn=None)`` takes ``value`` of shape (N,).
+      ``update(updates, state, params, *, value, value_fn=None, key=None)`` takes ``value`` of
+      shape (N,). It is hashable and equal by value: ``optim.cbo(sigma=1.0) == optim.cbo(sigma=1.0)``.
+      ``optax.inject_hyperparams(optim.cbo)(sigma=1.0)`` injects every numeric hyperparameter.
 
     Raises:
-      ValueError: for an invalid argument here, or at trace time for particles without a leading
-        axis, a ``value`` whose shape is not (N,), or a missing ``value``/``value_fn``/gradient.
+      ValueError: for an invalid argument here (NaN, out of range, ``lambda_ * dt >= 2`` with
+        Euler-Maruyama, an ``alpha_schedule`` that is not positive at step 0), or at trace time
+        for particles without a leading axis, a ``value`` whose shape is not (N,), or a missing
+        ``value``/``value_fn``/gradient.
+      TypeError: for a wrong type (a non-float particle dtype, a string where a number goes).
 
     Example:
       >>> import jax, jax.numpy as jnp, optax, optim
@@ -708,12 +755,13 @@ def polar_cbo(
     """
     for bad in ("axis_name", "batch_size"):
         if options.get(bad) is not None:
-            _fail(bad, options[bad], "None for polar_cbo", "Polarized consensus needs all particles on one device; "
-                  "use `cbo` for sharded or batched runs.")
-    if not (isinstance(kappa, (int, float)) and kappa > 0):
-        _fail("kappa", kappa, "a number > 0 (math.inf gives plain CBO)", "Pass the kernel width.")
+            V.fail(bad, options[bad], "None for polar_cbo", "Polarized consensus needs all particles on one device; "
+                   "use `cbo` for sharded or batched runs.")
+    unknown = sorted(set(options) - {f.name for f in dataclasses.fields(_Config)})
+    if unknown:
+        V.fail("options", unknown, "keyword options of optim.cbo", "See optim.cbo's arguments.", TypeError)
     cfg = _Config(**_common(noise=noise, sigma=sigma, lambda_=lambda_, dt=dt, alpha=alpha, alpha_growth=alpha_growth,
-                            alpha_max=alpha_max, kernel=kernel, kappa=float(kappa), kernel_factor=kernel_factor,
+                            alpha_max=alpha_max, kernel=kernel, kappa=kappa, kernel_factor=kernel_factor,
                             **options))
     return _make(cfg, key)
 
@@ -763,233 +811,10 @@ def cbs(
       Carrillo, Hoffmann, Stuart, Vaes, `Consensus-based sampling
       <https://arxiv.org/abs/2106.02519>`_, Stud. Appl. Math. 2022.
     """
-    _check_choice("mode", mode, _CBS_MODES)
+    V.choice("mode", mode, _CBS_MODES)
     cfg = _Config(**_common(noise="covariance", dt=dt, alpha=alpha, alpha_growth=alpha_growth, alpha_max=alpha_max,
                             alpha_schedule=alpha_schedule, ess_target=ess_target, cbs_mode=mode))
     return _make(cfg, key)
 
 
-# ----------------------------------------------------------------------------------------------
-# driver
-
-
-class CBOHistory(NamedTuple):
-    """Per-step records of :func:`cbo_minimize`; entries after termination are NaN.
-
-    Attributes:
-      min_value: shape=(num_steps,), the smallest loss over the particles evaluated at each step.
-      alpha: shape=(num_steps,), the alpha used at each step.
-      consensus_shift: shape=(num_steps,), sup-norm of the consensus movement (inf at step 0).
-      consensus: pytree like one particle with a leading (num_steps,) axis, or None unless
-        ``save_consensus=True``.
-    """
-
-    min_value: jax.Array
-    alpha: jax.Array
-    consensus_shift: jax.Array
-    consensus: Any
-
-
-class CBOResult(NamedTuple):
-    """Result of :func:`cbo_minimize`.
-
-    Attributes:
-      consensus: the consensus point of the last step (pytree like one particle).
-      best_value: shape=(), the smallest loss evaluated over the whole run.
-      best_particle: the particle that had ``best_value``.
-      particles: the final ensemble (after the last update; not evaluated).
-      state: the final transform state.
-      num_steps: shape=(), int32, steps taken (fewer than ``num_steps`` if a criterion fired).
-      num_evaluations: shape=(), int32, evaluations of ``f`` at the particles (N per step; the
-        Heaviside correction's evaluations at the consensus are not counted).
-      history: :class:`CBOHistory`.
-    """
-
-    consensus: Any
-    best_value: jax.Array
-    best_particle: Any
-    particles: Any
-    state: Any
-    num_steps: jax.Array
-    num_evaluations: jax.Array
-    history: CBOHistory
-
-
-def _is_cbo_state(s):
-    return isinstance(s, CBOState)
-
-
-def _find_cbo_state(state):
-    found = [s for s in jax.tree.leaves(state, is_leaf=_is_cbo_state) if _is_cbo_state(s)]
-    if len(found) != 1:
-        raise ValueError(f"`tx` must contain exactly one consensus transform (cbo, polar_cbo or cbs); its state "
-                         f"holds {len(found)} CBOState(s). Build `tx` with `optim.cbo(...)`, optionally chained.")
-    return found[0]
-
-
-def _sup_norm(a, b):
-    return jnp.max(jnp.stack([jnp.max(jnp.abs(x - y)) for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b))]))
-
-
-def cbo_minimize(
-    f: Callable[[Any], jax.Array],
-    particles0: Any,
-    key: jax.Array,
-    tx: optax.GradientTransformationExtraArgs,
-    num_steps: int,
-    *,
-    energy_tol: float | None = None,
-    diff_tol: float | None = None,
-    max_evaluations: int | None = None,
-    with_gradient: bool = False,
-    save_consensus: bool = False,
-    progress: bool | None = None,
-) -> CBOResult:
-    """Minimizes ``f`` with a consensus transform in one ``lax.while_loop``.
-
-    Each step evaluates ``f`` at every particle (``jax.vmap``), calls ``tx.update`` with
-    ``value=losses`` and ``value_fn=f`` (and the per-particle gradients when ``with_gradient``),
-    and applies the step. The run stops after ``num_steps`` steps or when a criterion fires:
-    ``best_value < energy_tol``, consensus movement (sup-norm) ``< diff_tol``, or the next step
-    would exceed ``max_evaluations`` evaluations. Under ``jax.vmap`` over independent runs (keys
-    and/or initial ensembles) each run stops on its own: finished runs are frozen while the others
-    continue. For particles sharded over devices, call ``tx.update`` inside ``shard_map`` yourself
-    (see :func:`cbo`'s ``axis_name``); this driver keeps the ensemble on one device.
-
-    A progress bar (tqdm) is shown only when called eagerly (not under ``jit``/``vmap``) with
-    ``progress=True``, or with ``progress=None`` and ``num_steps >= 2000``. The loop then runs
-    in jitted chunks with the same result.
-
-    Args:
-      f: loss of one particle (a pytree without the particle axis) -> scalar.
-      particles0: initial ensemble, a pytree whose leaves have a leading particle axis N.
-      key: PRNG key of the run; it replaces the key of ``tx``'s state. The key's implementation
-        (``jax.random.key(seed, impl="threefry2x32" | "rbg" | "unsafe_rbg")``) is kept.
-      tx: a transform from :func:`cbo`, :func:`polar_cbo` or :func:`cbs`, possibly chained.
-      num_steps: maximum number of steps (static).
-      energy_tol, diff_tol, max_evaluations: optional termination criteria (see above).
-      with_gradient: pass ``jax.vmap(jax.grad(f))`` of the particles as ``updates`` (for
-        ``cbo(gradient_weight=...)``).
-      save_consensus: also record the consensus after every step in ``history.consensus``.
-      progress: progress bar switch (see above).
-
-    Returns:
-      A :class:`CBOResult`.
-
-    Example:
-      >>> import jax, jax.numpy as jnp, optim
-      >>> f = lambda x: jnp.sum(x**2 - 10 * jnp.cos(2 * jnp.pi * x)) + 10 * x.size
-      >>> x0 = jax.random.uniform(jax.random.key(1), (40, 5), minval=-3, maxval=3)
-      >>> tx = optim.cbo(sigma=10.1, dt=0.01, alpha=30.0)
-      >>> res = optim.cbo_minimize(f, x0, jax.random.key(0), tx, num_steps=1000)
-      >>> bool(jnp.max(jnp.abs(res.consensus)) < 0.25)
-      True
-    """
-    if not isinstance(num_steps, int) or isinstance(num_steps, bool) or num_steps < 1:
-        _fail("num_steps", num_steps, "a positive int", "Pass the maximum number of steps as a Python int.")
-    for name, tol in (("energy_tol", energy_tol), ("diff_tol", diff_tol), ("max_evaluations", max_evaluations)):
-        if tol is not None:
-            _check_positive(name, tol)
-    leaves = jax.tree.leaves(particles0)
-    if not leaves or any(jnp.ndim(x) == 0 for x in leaves):
-        raise ValueError("`particles0` needs a leading particle axis on every leaf: pass the ensemble as "
-                         "(num_particles, ...), e.g. `jax.random.uniform(key, (N, d))`.")
-    n = jnp.shape(leaves[0])[0]
-    one = jax.tree.map(lambda x: x[0], particles0)
-    out = jax.eval_shape(f, one)
-    if getattr(out, "shape", None) != ():
-        raise ValueError(f"`f` must map one particle (a pytree without the particle axis) to a scalar loss; it "
-                         f"returned shape {getattr(out, 'shape', type(out))}. Use a per-particle loss; the driver "
-                         "vmaps it.")
-    vdtype = jnp.promote_types(out.dtype, jnp.float32)
-
-    state0 = tx.init(particles0)
-    _find_cbo_state(state0)
-    state0 = jax.tree.map(lambda s: s._replace(key=_as_key(key)) if _is_cbo_state(s) else s, state0,
-                          is_leaf=_is_cbo_state)
-
-    def empty(shape, dtype):
-        return jnp.full(shape, jnp.nan, dtype)
-
-    cstate0 = _find_cbo_state(state0)
-    history0 = CBOHistory(
-        min_value=empty((num_steps,), vdtype), alpha=empty((num_steps,), cstate0.alpha.dtype),
-        consensus_shift=empty((num_steps,), vdtype),
-        consensus=jax.tree.map(lambda c: empty((num_steps,) + c.shape, c.dtype), cstate0.consensus)
-        if save_consensus else None)
-    carry = dict(params=particles0, state=state0, best_value=jnp.asarray(jnp.inf, vdtype), best_particle=one,
-                 count=jnp.zeros((), jnp.int32), done=jnp.zeros((), bool), history=history0)
-    static = dict(f=f, tx=tx, num_steps=num_steps, criteria=(energy_tol, diff_tol, max_evaluations),
-                  with_gradient=with_gradient)
-
-    traced = any(isinstance(x, jax.core.Tracer) for x in leaves + [key])
-    if traced:
-        carry = _loop(carry, num_steps, **static)
-    elif progress if progress is not None else num_steps >= 2000:
-        carry = _run_with_progress(functools.partial(_loop_jit, **static), carry, num_steps)
-    else:
-        carry = _loop_jit(carry, num_steps, **static)
-    final = _find_cbo_state(carry["state"])
-    return CBOResult(consensus=final.consensus, best_value=carry["best_value"], best_particle=carry["best_particle"],
-                     particles=carry["params"], state=carry["state"], num_steps=carry["count"],
-                     num_evaluations=carry["count"] * n, history=carry["history"])
-
-
-def _loop(carry, stop, *, f, tx, num_steps, criteria, with_gradient):
-    """The driver's while_loop from ``carry`` until a criterion fires or ``count == stop``."""
-    energy_tol, diff_tol, max_evaluations = criteria
-    n = jnp.shape(jax.tree.leaves(carry["params"])[0])[0]
-    vdtype = carry["best_value"].dtype
-    evaluate = jax.vmap(jax.value_and_grad(f)) if with_gradient else (lambda p: (jax.vmap(f)(p), None))
-
-    def body(c):
-        params, state, k = c["params"], c["state"], c["count"]
-        value, grads = evaluate(params)
-        value = value.astype(vdtype)
-        old_consensus = _find_cbo_state(state).consensus
-        step, state = tx.update(grads, state, params, value=value, value_fn=f)
-        new_params = optax.apply_updates(params, step)
-        cstate = _find_cbo_state(state)
-        i = jnp.argmin(jnp.where(jnp.isfinite(value), value, jnp.inf))
-        better = value[i] < c["best_value"]
-        best_value = jnp.where(better, value[i], c["best_value"])
-        best_particle = jax.tree.map(lambda b, x: jnp.where(better, x[i], b), c["best_particle"], params)
-        shift = jnp.where(k == 0, jnp.inf, _sup_norm(cstate.consensus, old_consensus)).astype(vdtype)
-        h = c["history"]
-        history = CBOHistory(
-            min_value=h.min_value.at[k].set(jnp.min(value)), alpha=h.alpha.at[k].set(cstate.alpha),
-            consensus_shift=h.consensus_shift.at[k].set(shift),
-            consensus=None if h.consensus is None else jax.tree.map(lambda a, v: a.at[k].set(v), h.consensus,
-                                                                    cstate.consensus))
-        done = k + 1 >= num_steps
-        if energy_tol is not None:
-            done = done | (best_value < energy_tol)
-        if diff_tol is not None:
-            done = done | (shift < diff_tol)
-        if max_evaluations is not None:
-            done = done | ((k + 2) * n > max_evaluations)
-        return dict(params=new_params, state=state, best_value=best_value, best_particle=best_particle,
-                    count=k + 1, done=done, history=history)
-
-    return jax.lax.while_loop(lambda c: ~c["done"] & (c["count"] < stop), body, carry)
-
-
-# f and tx are static so repeated eager calls with the same objective and transform reuse the compile
-_loop_jit = jax.jit(_loop, static_argnames=("f", "tx", "num_steps", "criteria", "with_gradient"))
-
-
-def _run_with_progress(run_jit, carry, num_steps):
-    """Runs the jitted loop in chunks of ~1% of the steps, updating a tqdm bar in between."""
-    try:
-        from tqdm.auto import tqdm
-    except ImportError:  # the bar is a convenience; run without it
-        return run_jit(carry, num_steps)
-    chunk = max(1, num_steps // 100)
-    with tqdm(total=num_steps, desc="cbo", file=sys.stderr) as bar:
-        done_steps = 0
-        while done_steps < num_steps and not bool(carry["done"]):
-            carry = run_jit(carry, min(done_steps + chunk, num_steps))
-            now = int(carry["count"])
-            bar.update(now - done_steps)
-            done_steps = now
-    return carry
+from optim._cbo_driver import CBOHistory, CBOResult, cbo_minimize  # noqa: E402  (re-exported here)

@@ -8,9 +8,15 @@ Initial values as in the authors' TensorFlow code and ``optax.contrib.cocob``: `
 (the paper's 0 would divide 0 by 0 on a coordinate whose gradients are all zero),
 ``G_0 = R_0 = theta_0 = 0``.
 
-Non-finite gradients: a coordinate whose gradient entry is NaN/Inf keeps its state and
-gets a zero update for that step (the other coordinates step normally), so no NaN enters
-``L``, ``G``, ``R`` or ``theta``.
+Non-finite gradients: a coordinate whose gradient entry is NaN/Inf, or so large that the
+bet's denominator ``L max(G + L, alpha L)`` (about ``alpha g^2``) overflows the state dtype
+(``|g| > 1.8e18`` in float32 with ``alpha = 100``), keeps its state and gets a zero update for
+that step (the other coordinates step normally), so no NaN enters ``L``, ``G``, ``R`` or
+``theta`` and a coordinate hit by a ``1e30`` gradient carries on as if it had not come. A
+finite but large gradient that fits is the algorithm's business: ``L`` is a running max, so
+every later bet on that coordinate is scaled by it (clip gradients before COCOB if outliers
+occur). State buffers are float32 at least (float16/bfloat16 parameters train like float32
+ones); integer parameters raise ``TypeError``, NaN initial parameters ``ValueError``.
 """
 
 from __future__ import annotations
@@ -22,8 +28,8 @@ import jax.numpy as jnp
 import optax
 
 from optim import _tree
-from optim._lrfree import check_update_args, is_static_zero
-from optim._validate import check_nonnegative, check_positive
+from optim import _validate as V
+from optim._lrfree import check_init, check_update_args, copy_to_state, is_static_zero, zeros_like_state
 
 
 class COCOBState(NamedTuple):
@@ -74,40 +80,52 @@ def cocob(
       <https://arxiv.org/abs/1705.07795>`_, NeurIPS 2017.
     """
     del axis_name  # per-coordinate: nothing to reduce
-    check_positive("alpha", alpha, "The paper uses 100.")
-    check_positive("eps", eps, "It is the initial L; the reference uses 1e-8.")
-    check_nonnegative("weight_decay", weight_decay)
+    hp_ok = V.all_of(
+        V.positive("alpha", alpha, "The paper uses 100."),
+        V.positive("eps", eps, "It is the initial L; the reference uses 1e-8."),
+        V.nonnegative("weight_decay", weight_decay, "0 is the reference default."),
+    )
     coupled = not is_static_zero(weight_decay)
 
     def init_fn(params):
-        def zeros():  # fresh buffers per field, so params and state can all be donated
-            return jax.tree.map(jnp.zeros_like, params)
-
+        check_init("cocob", params)
         return COCOBState(
-            jnp.zeros((), jnp.int32), jax.tree.map(jnp.copy, params), zeros(),
-            jax.tree.map(lambda p: jnp.full_like(p, eps), params), zeros(), zeros(),
+            jnp.zeros((), jnp.int32), copy_to_state(params), zeros_like_state(params),
+            jax.tree.map(lambda z: jnp.full_like(z, eps), zeros_like_state(params)), zeros_like_state(params),
+            zeros_like_state(params),
         )
 
     def leaf(g, w, w1, theta, big_l, big_g, r):
-        ok = jnp.isfinite(g)
-        g = jnp.where(ok, g, 0)  # a zero gradient leaves theta, L, G and r (>= 0) as they are
-        big_l_new = jnp.maximum(big_l, jnp.abs(g))
-        big_g_new = big_g + jnp.abs(g)
-        r_new = jnp.maximum(r - g * (w - w1), 0)
+        g = g.astype(theta.dtype)
+        if coupled:
+            g = g + weight_decay * w.astype(theta.dtype)
+
+        def bet_terms(g):
+            big_l_new = jnp.maximum(big_l, jnp.abs(g))
+            big_g_new = big_g + jnp.abs(g)
+            r_new = jnp.maximum(r - g * (w - w1), 0)
+            den = big_l_new * jnp.maximum(big_g_new + big_l_new, alpha * big_l_new)
+            return big_l_new, big_g_new, r_new, den
+
+        # a coordinate whose terms are not all representable (NaN/Inf g, or den ~ alpha g^2 overflowing)
+        # takes a zero gradient: that leaves theta, L, G and r (>= 0) as they are
+        *_, r_try, den_try = bet_terms(g)
+        ok = jnp.isfinite(den_try) & jnp.isfinite(r_try) & jnp.asarray(hp_ok)
+        g = jnp.where(ok, g, 0)
+        big_l_new, big_g_new, r_new, den = bet_terms(g)
         theta_new = theta - g
-        bet = theta_new / (big_l_new * jnp.maximum(big_g_new + big_l_new, alpha * big_l_new)) * (big_l_new + r_new)
+        bet = theta_new / den * (big_l_new + r_new)
         u = jnp.where(ok, (w1 - w) + bet, 0)
         return tuple(x.astype(o.dtype) for x, o in
                      ((u, w), (theta_new, theta), (big_l_new, big_l), (big_g_new, big_g), (r_new, r)))
 
     def update_fn(updates, state, params=None):
         check_update_args("cocob", updates, params, state.params0, "the params given to `init`")
-        grads = updates
-        if coupled:
-            grads = jax.tree.map(lambda g, p: g + weight_decay * p, grads, params)
-        out = jax.tree.map(leaf, grads, params, state.params0, state.theta, state.max_grad, state.abs_grad_sum,
-                           state.reward)
         treedef = jax.tree.structure(params)
+        if treedef.num_leaves == 0:  # an empty tree: nothing to bet on
+            return updates, state._replace(count=optax.safe_increment(state.count))
+        out = jax.tree.map(leaf, updates, params, state.params0, state.theta, state.max_grad, state.abs_grad_sum,
+                           state.reward)
         u, theta, big_l, big_g, r = (treedef.unflatten(x) for x in zip(*treedef.flatten_up_to(out)))
         return u, COCOBState(optax.safe_increment(state.count), state.params0, theta, big_l, big_g, r)
 

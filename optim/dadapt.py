@@ -11,9 +11,15 @@ bias correction and decoupled weight decay (the reference defaults are neither; 
 parameter dtype, has no ``growth_rate`` and no ``axis_name``. SGD, AdaGrad and Lion have no
 optax counterpart.
 
-Non-finite gradients: a NaN/Inf gradient entry makes the step's global sums non-finite;
-the step is then skipped (zero updates, state unchanged, ``num_nonfinite`` incremented),
-so ``d`` never absorbs a NaN. A step at learning rate 0 leaves ``d`` unchanged.
+Non-finite gradients: a NaN/Inf gradient entry, or one whose square overflows the state
+dtype (``|g| > 1.8e19`` in float32), makes the step's global sums non-finite; the step is
+then skipped (zero updates, state unchanged, ``num_nonfinite`` incremented), so ``d`` never
+absorbs a NaN and a NaN first gradient does not fix ``||g_0||`` (the first finite one does).
+So is a step whose learning rate (a schedule's value) is NaN, infinite or negative; the
+schedule is evaluated at the number of ``update`` calls, so it moves on. A step at learning
+rate 0 leaves ``d`` unchanged. State buffers are float32 at least (float16/bfloat16
+parameters train like float32 ones); integer parameters raise ``TypeError``, NaN initial
+parameters ``ValueError``. The full rule is in ``optim._lrfree``.
 """
 
 from __future__ import annotations
@@ -26,17 +32,23 @@ import jax.numpy as jnp
 import optax
 
 from optim import _tree
+from optim import _validate as V
 from optim._lrfree import (
+    Gate,
     ScalarOrSchedule,
     check_betas,
     check_growth_rate,
+    check_init,
+    check_learning_rate,
     check_update_args,
-    Gate,
     commit,
+    copy_to_state,
     is_static_zero,
     learning_rate_at,
+    overflow_probe,
+    schedule_step,
+    zeros_like_state,
 )
-from optim._validate import _concrete, check_nonnegative, check_positive
 
 #: Named settings for :func:`dadapt_adam`, each with its source.
 #: ``"paper"``: the ``dadaptation`` 3.2 ``DAdaptAdam`` defaults (coupled decay, no bias correction).
@@ -59,17 +71,18 @@ _D0_HINT = "It is the initial distance estimate; the reference default is 1e-6."
 
 
 def _check_common(learning_rate, weight_decay, d0, growth_rate=None):
-    check_positive("learning_rate", learning_rate, "D-Adaptation expects 1.0 (times any schedule).")
-    check_nonnegative("weight_decay", weight_decay)
-    check_positive("d0", d0, _D0_HINT)
-    if growth_rate is not None:
-        check_growth_rate(growth_rate)
+    """The checks every D-Adaptation factory makes; returns the runtime predicate for traced values."""
+    return V.all_of(
+        check_learning_rate(learning_rate, "D-Adaptation expects 1.0 (times any schedule)."),
+        V.nonnegative("weight_decay", weight_decay, "0 is the reference default."),
+        V.positive("d0", d0, _D0_HINT),
+        True if growth_rate is None else check_growth_rate(growth_rate),
+    )
 
 
 def _check_momentum(momentum):
-    m = _concrete(momentum)
-    if m is not None and not 0.0 <= m < 1.0:
-        raise ValueError(f"`momentum` must be in [0, 1), got {momentum!r}. Use 0 (the reference default) or 0.9.")
+    return V.interval("momentum", momentum, 0.0, 1.0, lo_closed=True, hi_closed=False,
+                      hint="Use 0 (the reference default) or 0.9.")
 
 
 def _grow(d, d_hat, growth_rate, active):
@@ -81,13 +94,14 @@ def _safe_div(a, b):
     return a / jnp.where(b > 0, b, 1)
 
 
-def _zeros(params):
-    return jax.tree.map(jnp.zeros_like, params)
+def _to(g, x):
+    """``g`` in the dtype of the state buffer ``x`` (float32 at least), before any product."""
+    return g.astype(x.dtype)
 
 
-def _copy(params):
-    """A fresh copy, so params and state never share a buffer (both can be donated)."""
-    return jax.tree.map(jnp.copy, params)
+def _decayed(params, grads, weight_decay, like):
+    """Coupled decay ``g + weight_decay * p`` in the state dtype."""
+    return jax.tree.map(lambda g, p, x: _to(g, x) + weight_decay * _to(p, x), grads, params, like)
 
 
 # ----------------------------------------------------------------------------- Adam
@@ -161,23 +175,24 @@ def dadapt_adam(
     .. warning::
       ``optax.contrib.dadapt_adamw`` is ``DADAPT_ADAM_PRESETS["optax"]``, not the reference defaults.
     """
-    _check_common(learning_rate, weight_decay, d0, growth_rate)
-    b1, b2 = check_betas(betas)
-    check_positive("eps", eps, "The reference default is 1e-8.")
+    hp_ok = _check_common(learning_rate, weight_decay, d0, growth_rate)
+    (b1, b2), betas_ok = check_betas(betas)
+    hp_ok = V.all_of(hp_ok, betas_ok, V.positive("eps", eps, "The reference default is 1e-8."))
     coupled = not decouple and not is_static_zero(weight_decay)
     decoupled = decouple and not is_static_zero(weight_decay)
 
     def init_fn(params):
+        check_init("dadapt_adam", params)
         acc = _tree.accumulation_dtype()
         return DAdaptAdamState(
             jnp.zeros((), jnp.int32), jnp.zeros((), jnp.int32), jnp.asarray(d0, acc), jnp.zeros((), acc),
-            _zeros(params), _zeros(params), _zeros(params),
+            zeros_like_state(params), zeros_like_state(params), zeros_like_state(params),
         )
 
     def update_fn(updates, state, params=None):
         check_update_args("dadapt_adam", updates, params, state.exp_avg, "the params given to `init`")
         acc = _tree.accumulation_dtype()
-        lr = learning_rate_at(learning_rate, state.count)
+        lr, lr_ok = learning_rate_at(learning_rate, schedule_step(state))
         sb2 = jnp.sqrt(jnp.asarray(b2, acc))
         if use_bias_correction:
             k1 = (state.count + 1).astype(acc)
@@ -186,26 +201,28 @@ def dadapt_adam(
             bc = jnp.ones((), acc)
         d = state.d
         dlr = d * lr * bc
-        grads = updates
         if coupled:
-            grads = jax.tree.map(lambda g, p: g + weight_decay * p, grads, params)
+            grads = _decayed(params, updates, weight_decay, state.exp_avg_sq)
+        else:
+            grads = jax.tree.map(_to, updates, state.exp_avg_sq)
 
-        # <g, s / (sqrt(v) + eps)> with the old s, v, and ||s_new||_1, in one pass
-        num, sk_l1 = _tree.tree_reduce_sum(
-            lambda g, s, v: (g * (s / (jnp.sqrt(v) + eps)), jnp.abs((sb2 * s + (dlr * (1 - sb2)) * g).astype(s.dtype))),
-            grads, state.grad_sum, state.exp_avg_sq, axis_name=axis_name,
-        )
+        # <g, s / (sqrt(v) + eps)> with the old s, v (plus the overflow probe of v's increment), and
+        # ||s_new||_1, in one pass
+        def stats(g, s, v):
+            probe = overflow_probe(((1 - b2) * jnp.square(g)).astype(v.dtype))
+            return g * (s / (jnp.sqrt(v) + eps)) + probe, jnp.abs((sb2 * s + (dlr * (1 - sb2)) * g).astype(s.dtype))
+
+        num, sk_l1 = _tree.tree_reduce_sum(stats, grads, state.grad_sum, state.exp_avg_sq, axis_name=axis_name)
         numerator_weighted = sb2 * state.numerator_weighted + (1 - sb2) * dlr * num
         # lr == 0 or no gradient signal yet: the reference returns before changing anything
         active = (lr > 0) & (sk_l1 > 0)
-        gate = Gate.of(jnp.isfinite(numerator_weighted) & jnp.isfinite(sk_l1), active)
+        gate = Gate.of(jnp.isfinite(numerator_weighted) & jnp.isfinite(sk_l1) & lr_ok & hp_ok, active)
         d_new = _grow(d, _safe_div(numerator_weighted, (1 - sb2) * sk_l1), growth_rate, active)
-        grads = gate.mask(grads)
-        exp_avg = jax.tree.map(lambda m, g: (gate.decay(b1) * m + (dlr * (1 - b1)) * g).astype(m.dtype),
+        exp_avg = jax.tree.map(lambda m, g: (gate.decay(b1) * m + gate.inc((dlr * (1 - b1)) * g)).astype(m.dtype),
                                state.exp_avg, grads)
-        exp_avg_sq = jax.tree.map(lambda v, g: (gate.decay(b2) * v + (1 - b2) * jnp.square(g)).astype(v.dtype),
+        exp_avg_sq = jax.tree.map(lambda v, g: (gate.decay(b2) * v + gate.inc((1 - b2) * jnp.square(g))).astype(v.dtype),
                                   state.exp_avg_sq, grads)
-        grad_sum = jax.tree.map(lambda s, g: (gate.decay(sb2) * s + (dlr * (1 - sb2)) * g).astype(s.dtype),
+        grad_sum = jax.tree.map(lambda s, g: (gate.decay(sb2) * s + gate.inc((dlr * (1 - sb2)) * g)).astype(s.dtype),
                                 state.grad_sum, grads)
 
         def leaf_update(m, v, p):
@@ -215,8 +232,8 @@ def dadapt_adam(
             return out.astype(p.dtype)
 
         new_updates = jax.tree.map(leaf_update, exp_avg, exp_avg_sq, params)
-        count = optax.safe_increment(state.count)
-        stepped = DAdaptAdamState(count, state.num_nonfinite, d_new, numerator_weighted, exp_avg, exp_avg_sq, grad_sum)
+        stepped = DAdaptAdamState(state.count, state.num_nonfinite, d_new, numerator_weighted, exp_avg, exp_avg_sq,
+                                  grad_sum)
         return commit(gate, new_updates, stepped, state, gated=("exp_avg", "exp_avg_sq", "grad_sum"))
 
     return optax.GradientTransformation(init_fn, update_fn)
@@ -278,41 +295,43 @@ def dadapt_sgd(
       Defazio, Mishchenko, `Learning-Rate-Free Learning by D-Adaptation
       <https://arxiv.org/abs/2301.07733>`_, ICML 2023.
     """
-    _check_common(learning_rate, weight_decay, d0, growth_rate)
-    _check_momentum(momentum)
+    hp_ok = V.all_of(_check_common(learning_rate, weight_decay, d0, growth_rate), _check_momentum(momentum))
     coupled = not is_static_zero(weight_decay)
 
     def init_fn(params):
+        check_init("dadapt_sgd", params)
         acc = _tree.accumulation_dtype()
         return DAdaptSGDState(
             jnp.zeros((), jnp.int32), jnp.zeros((), jnp.int32), jnp.asarray(d0, acc), jnp.zeros((), acc),
-            jnp.zeros((), acc), _zeros(params), _copy(params),
+            jnp.zeros((), acc), zeros_like_state(params), copy_to_state(params),
         )
 
     def update_fn(updates, state, params=None):
         check_update_args("dadapt_sgd", updates, params, state.grad_sum, "the params given to `init`")
-        lr = learning_rate_at(learning_rate, state.count)
-        # the first gradient with signal fixes ||g_0|| (the reference takes step 0's, even if 0)
+        lr, lr_ok = learning_rate_at(learning_rate, schedule_step(state))
+        # the first applied step fixes ||g_0|| (the reference takes step 0's, even if 0); a skipped
+        # step leaves it 0, so the next finite gradient sets it
         g0_norm = jnp.where(state.g0_norm > 0, state.g0_norm, _tree.tree_norm(updates, axis_name))
         d = state.d
         dlr = d * lr / g0_norm
-        grads = updates
         if coupled:
-            grads = jax.tree.map(lambda g, p: g + weight_decay * p, grads, params)
+            grads = _decayed(params, updates, weight_decay, state.grad_sum)
+        else:
+            grads = jax.tree.map(_to, updates, state.grad_sum)
         num, sk_sq = _tree.tree_reduce_sum(
-            lambda g, s: (g * s, jnp.square((s + dlr * g).astype(s.dtype))), grads, state.grad_sum, axis_name=axis_name
+            lambda g, s: (g * s + overflow_probe(jnp.square(g)), jnp.square((s + dlr * g).astype(s.dtype))),
+            grads, state.grad_sum, axis_name=axis_name,
         )
         numerator_weighted = state.numerator_weighted + dlr * num
         # lr == 0 or no gradient signal yet: the reference returns before changing anything
         active = (sk_sq > 0) & (lr > 0)
-        gate = Gate.of(jnp.isfinite(numerator_weighted) & jnp.isfinite(sk_sq), active)
+        gate = Gate.of(jnp.isfinite(numerator_weighted) & jnp.isfinite(sk_sq) & lr_ok & hp_ok, active)
         d_new = _grow(d, _safe_div(2 * numerator_weighted, jnp.sqrt(sk_sq)), growth_rate, active)
-        grad_sum = jax.tree.map(lambda s, g: (s + dlr * g).astype(s.dtype), state.grad_sum, gate.mask(grads))
+        grad_sum = jax.tree.map(lambda s, g: (s + gate.inc(dlr * g)).astype(s.dtype), state.grad_sum, grads)
         new_updates = jax.tree.map(
             lambda x0, s, p: ((1 - momentum) * ((x0 - p) - s)).astype(p.dtype), state.params0, grad_sum, params
         )
-        count = optax.safe_increment(state.count)
-        stepped = DAdaptSGDState(count, state.num_nonfinite, d_new, numerator_weighted, g0_norm, grad_sum,
+        stepped = DAdaptSGDState(state.count, state.num_nonfinite, d_new, numerator_weighted, g0_norm, grad_sum,
                                  state.params0)
         return commit(gate, new_updates, stepped, state, gated=("grad_sum",))
 
@@ -383,26 +402,28 @@ def dadapt_adagrad(
       Defazio, Mishchenko, `Learning-Rate-Free Learning by D-Adaptation
       <https://arxiv.org/abs/2301.07733>`_, ICML 2023.
     """
-    _check_common(learning_rate, weight_decay, d0, growth_rate)
-    _check_momentum(momentum)
-    check_positive("eps", eps, "The reference default is 1e-6.")
+    hp_ok = V.all_of(_check_common(learning_rate, weight_decay, d0, growth_rate), _check_momentum(momentum),
+                     V.positive("eps", eps, "The reference default is 1e-6."))
     coupled = not is_static_zero(weight_decay)
 
     def init_fn(params):
+        check_init("dadapt_adagrad", params)
         acc = _tree.accumulation_dtype()
+        alpha0 = jax.tree.map(lambda z: jnp.full_like(z, _ALPHA0), zeros_like_state(params))
         return DAdaptAdaGradState(
             jnp.zeros((), jnp.int32), jnp.zeros((), jnp.int32), jnp.asarray(d0, acc), jnp.zeros((), acc),
-            jax.tree.map(lambda p: jnp.full_like(p, _ALPHA0), params), _zeros(params), _copy(params),
+            alpha0, zeros_like_state(params), copy_to_state(params),
         )
 
     def update_fn(updates, state, params=None):
         check_update_args("dadapt_adagrad", updates, params, state.grad_sum, "the params given to `init`")
-        lr = learning_rate_at(learning_rate, state.count)
+        lr, lr_ok = learning_rate_at(learning_rate, schedule_step(state))
         d = state.d
         dlr = d * lr
-        grads = updates
         if coupled:
-            grads = jax.tree.map(lambda g, p: g + weight_decay * p, grads, params)
+            grads = _decayed(params, updates, weight_decay, state.grad_sum)
+        else:
+            grads = jax.tree.map(_to, updates, state.grad_sum)
 
         def sums(g, a, s):  # with the new alpha and s
             a, s = (a + jnp.square(g)).astype(a.dtype), (s + dlr * g).astype(s.dtype)
@@ -412,17 +433,17 @@ def dadapt_adagrad(
         gsq_weighted = state.gsq_weighted + dlr * dlr * g_sq
         # lr == 0 or no gradient signal yet: the reference returns before changing anything
         active = sk_l1 > 0
-        gate = Gate.of(jnp.isfinite(gsq_weighted) & jnp.isfinite(sk_sq) & jnp.isfinite(sk_l1), active)
+        gate = Gate.of(jnp.isfinite(gsq_weighted) & jnp.isfinite(sk_sq) & jnp.isfinite(sk_l1) & lr_ok & hp_ok,
+                       active)
         d_new = _grow(d, _safe_div(sk_sq - gsq_weighted, sk_l1), growth_rate, active & (lr > 0))
-        grads = gate.mask(grads)
-        alpha = jax.tree.map(lambda a, g: (a + jnp.square(g)).astype(a.dtype), state.alpha, grads)
-        grad_sum = jax.tree.map(lambda s, g: (s + dlr * g).astype(s.dtype), state.grad_sum, grads)
+        alpha = jax.tree.map(lambda a, g: (a + gate.inc(jnp.square(g))).astype(a.dtype), state.alpha, grads)
+        grad_sum = jax.tree.map(lambda s, g: (s + gate.inc(dlr * g)).astype(s.dtype), state.grad_sum, grads)
         new_updates = jax.tree.map(
             lambda x0, s, a, p: ((1 - momentum) * ((x0 - p) - s / (jnp.sqrt(a) + eps))).astype(p.dtype),
             state.params0, grad_sum, alpha, params,
         )
-        count = optax.safe_increment(state.count)
-        stepped = DAdaptAdaGradState(count, state.num_nonfinite, d_new, gsq_weighted, alpha, grad_sum, state.params0)
+        stepped = DAdaptAdaGradState(state.count, state.num_nonfinite, d_new, gsq_weighted, alpha, grad_sum,
+                                     state.params0)
         return commit(gate, new_updates, stepped, state, gated=("alpha", "grad_sum"))
 
     return optax.GradientTransformation(init_fn, update_fn)
@@ -486,36 +507,40 @@ def dadapt_lion(
       <https://arxiv.org/abs/2301.07733>`_, ICML 2023; Chen et al., `Symbolic Discovery of
       Optimization Algorithms <https://arxiv.org/abs/2302.06675>`_, 2023.
     """
-    _check_common(learning_rate, weight_decay, d0)
-    b1, b2 = check_betas(betas)
+    hp_ok = _check_common(learning_rate, weight_decay, d0)
+    (b1, b2), betas_ok = check_betas(betas)
+    hp_ok = V.all_of(hp_ok, betas_ok)
     decay = not is_static_zero(weight_decay)
 
     def init_fn(params):
+        check_init("dadapt_lion", params)
         acc = _tree.accumulation_dtype()
         return DAdaptLionState(
             jnp.zeros((), jnp.int32), jnp.zeros((), jnp.int32), jnp.asarray(d0, acc), jnp.zeros((), acc),
-            _zeros(params), _zeros(params),
+            zeros_like_state(params), zeros_like_state(params),
         )
 
     def update_fn(updates, state, params=None):
         check_update_args("dadapt_lion", updates, params, state.exp_avg, "the params given to `init`")
         acc = _tree.accumulation_dtype()
-        lr = learning_rate_at(learning_rate, state.count)
+        lr, lr_ok = learning_rate_at(learning_rate, schedule_step(state))
         sb2 = jnp.sqrt(jnp.asarray(b2, acc))
         d = state.d
         dlr = d * lr
-        direction = jax.tree.map(lambda m, g: jnp.sign(b1 * m + (1 - b1) * g), state.exp_avg, updates)
-        # `0 * g` is 0 for a finite g and NaN otherwise: sign() would hide an Inf gradient
+        grads = jax.tree.map(_to, updates, state.exp_avg)
+        direction = jax.tree.map(lambda m, g: jnp.sign(b1 * m + (1 - b1) * g), state.exp_avg, grads)
+        # the probe (0 * g^2) is 0 for a representable g and NaN otherwise: sign() would hide an Inf
         num, sk_l1 = _tree.tree_reduce_sum(
-            lambda u, s, g: (u * s + 0 * g, jnp.abs((sb2 * s + ((1 - sb2) * dlr) * u).astype(s.dtype))),
-            direction, state.grad_sum, updates, axis_name=axis_name,
+            lambda u, s, g: (u * s + overflow_probe(jnp.square(g)),
+                             jnp.abs((sb2 * s + ((1 - sb2) * dlr) * u).astype(s.dtype))),
+            direction, state.grad_sum, grads, axis_name=axis_name,
         )
         numerator_weighted = sb2 * state.numerator_weighted + (1 - sb2) * dlr * num
-        gate = Gate.of(jnp.isfinite(numerator_weighted) & jnp.isfinite(sk_l1))
-        exp_avg = jax.tree.map(lambda m, g: (gate.decay(b2) * m + ((1 - b2) * dlr) * g).astype(m.dtype),
-                               state.exp_avg, gate.mask(updates))
-        grad_sum = jax.tree.map(lambda s, u: (gate.decay(sb2) * s + ((1 - sb2) * dlr) * u).astype(s.dtype),
-                                state.grad_sum, gate.mask(direction))
+        gate = Gate.of(jnp.isfinite(numerator_weighted) & jnp.isfinite(sk_l1) & lr_ok & hp_ok)
+        exp_avg = jax.tree.map(lambda m, g: (gate.decay(b2) * m + gate.inc(((1 - b2) * dlr) * g)).astype(m.dtype),
+                               state.exp_avg, grads)
+        grad_sum = jax.tree.map(lambda s, u: (gate.decay(sb2) * s + gate.inc(((1 - sb2) * dlr) * u)).astype(s.dtype),
+                                state.grad_sum, direction)
         # the reference updates x, m and s before it returns on ||s||_1 == 0; only n and d wait
         has_signal = sk_l1 > 0
         numerator_weighted = jnp.where(has_signal, numerator_weighted, state.numerator_weighted)
@@ -530,9 +555,7 @@ def dadapt_lion(
             return out.astype(p.dtype)
 
         new_updates = jax.tree.map(leaf_update, direction, params)
-        stepped = DAdaptLionState(
-            optax.safe_increment(state.count), state.num_nonfinite, d_new, numerator_weighted, exp_avg, grad_sum
-        )
+        stepped = DAdaptLionState(state.count, state.num_nonfinite, d_new, numerator_weighted, exp_avg, grad_sum)
         return commit(gate, new_updates, stepped, state, gated=("exp_avg", "grad_sum"))
 
     return optax.GradientTransformation(init_fn, update_fn)

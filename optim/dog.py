@@ -12,10 +12,14 @@ distance travelled from the start divided by an accumulated gradient norm:
 The DoG authors insist that DoG/LDoG be combined with iterate averaging; chain
 :func:`polynomial_decay_averaging` last and evaluate at :func:`averaged_params`.
 
-Non-finite gradients: a step whose gradient has a NaN/Inf entry (detected through the
-squared norm the step needs anyway) is skipped: the updates are zero, the state is left as
-it was, and ``num_nonfinite`` counts the skipped steps, so ``rbar`` and ``G`` never absorb
-a NaN. LDoG, one DoG per tensor, skips per tensor: a tensor with a non-finite gradient gets
+Non-finite gradients: a step whose gradient has a NaN/Inf entry, or an entry whose square
+overflows the state dtype (``|g| > 1.8e19`` for float32; ``G`` would absorb it and every later
+step would be ~0), is skipped: the updates are zero, the state is left as it was, and
+``num_nonfinite`` counts the skipped steps, so ``rbar`` and ``G`` never absorb a NaN. Both
+are detected through the squared norms the step needs anyway; so are NaN parameters (through
+``||x - x_0||``), and a learning rate (a schedule's value) that is NaN, infinite or negative
+skips the step too. The schedule is evaluated at the number of ``update`` calls, so it moves
+past a bad value (``optim._lrfree`` has the whole rule). LDoG, one DoG per tensor, skips per tensor: a tensor with a non-finite gradient gets
 a zero update and keeps its ``rbar``/``G`` while the others step; ``count`` advances only
 when every tensor stepped. (A whole-step skip would have to finish every tensor's norm
 before the first update, which loses the cache reuse between a tensor's norm and its
@@ -25,17 +29,27 @@ against 1.01x per tensor.)
 
 from __future__ import annotations
 
-from typing import Any, Callable, NamedTuple
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
 import optax
 
 from optim import _tree
-from optim._lrfree import Gate, check_update_args, commit, is_static_zero, learning_rate_at
-from optim._validate import check_nonnegative, check_positive
-
-ScalarOrSchedule = float | jax.Array | Callable[[jax.Array], jax.Array]
+from optim import _validate as V
+from optim._lrfree import (
+    Gate,
+    ScalarOrSchedule,
+    check_init,
+    check_learning_rate,
+    check_update_args,
+    commit,
+    copy_to_state,
+    is_static_zero,
+    learning_rate_at,
+    overflow_probe,
+    schedule_step,
+)
 
 #: Named settings for :func:`dog` / :func:`ldog`, each number with its source.
 #: ``"paper"``: ``reps_rel=1e-6`` is the default of Ivgi et al. (2023) and of the
@@ -62,7 +76,7 @@ class DoGState(NamedTuple):
 
     count: jax.Array  # shape=(), int32: steps applied.
     num_nonfinite: jax.Array  # shape=(), int32: steps skipped for a non-finite gradient.
-    init_params: Any  # x_0: same tree, shapes and dtypes as params.
+    init_params: Any  # x_0: same tree and shapes as params, float32 at least.
     rbar: Any  # max distance from x_0: shape=() (dog, dowg) or a shape=() leaf per tensor (ldog).
     grad_sum: Any  # G_t (dog, ldog) or v_t (dowg); same layout and dtype as rbar.
 
@@ -78,35 +92,46 @@ def _build(
     init_distance: float | None,
     axis_name: _tree.AxisName,
 ) -> optax.GradientTransformation:
-    check_positive("learning_rate", learning_rate, "The authors recommend 1.0.")
-    check_nonnegative("weight_decay", weight_decay)
-    check_nonnegative("eps", eps)
+    checks = [
+        check_learning_rate(learning_rate, "The authors recommend 1.0."),
+        V.nonnegative("weight_decay", weight_decay, "0 is the reference default."),
+        V.nonnegative("eps", eps, "The reference default is 1e-8."),
+    ]
     if init_eta is not None:
-        check_positive("init_eta", init_eta, "It is the first step size; pass None to use `reps_rel`.")
+        checks.append(V.positive("init_eta", init_eta, "It is the first step size; pass None to use `reps_rel`."))
     elif init_distance is not None:
-        check_positive("init_distance", init_distance, "Pass None to use `reps_rel * (1 + ||x_0||)`.")
+        checks.append(V.positive("init_distance", init_distance, "Pass None to use `reps_rel * (1 + ||x_0||)`."))
     else:
-        check_positive("reps_rel", reps_rel, "Use 1e-6, or 1e-4 with batch normalisation.")
+        checks.append(V.positive("reps_rel", reps_rel, "Use 1e-6, or 1e-4 with batch normalisation."))
+    hp_ok = V.all_of(*checks)
     layerwise = kind == "ldog"
     acc = _tree.accumulation_dtype()
 
-    def reduce_sq(tree):
+    def sq(x):
+        return jnp.square(_tree.to_acc(x))
+
+    def sq_probed(g):
+        # ||g||^2 in the accumulation dtype, NaN if g^2 overflows the state dtype (float32 at least)
+        return sq(g) + overflow_probe(jnp.square(g.astype(_tree.state_dtype(g.dtype))))
+
+    def reduce(fn, *trees):
         if layerwise:
-            return _tree.leaf_reduce_sum(jnp.square, tree, axis_name=axis_name)
-        return _tree.tree_norm_sq(tree, axis_name)
+            return _tree.leaf_reduce_sum(fn, *trees, axis_name=axis_name)
+        return _tree.tree_reduce_sum(fn, *trees, axis_name=axis_name)
 
     def init_fn(params):
+        check_init(kind, params)
         if init_eta is not None:  # the first step is init_eta; rbar starts from 0 as in dog-optimizer
-            rbar = jax.tree.map(lambda n: jnp.zeros((), acc), reduce_sq(params))
+            rbar = jax.tree.map(lambda n: jnp.zeros((), acc), reduce(sq, params))
         elif init_distance is not None:
-            rbar = jax.tree.map(lambda n: jnp.asarray(init_distance, acc), reduce_sq(params))
+            rbar = jax.tree.map(lambda n: jnp.asarray(init_distance, acc), reduce(sq, params))
         else:
-            rbar = jax.tree.map(lambda n: reps_rel * (1 + jnp.sqrt(n)), reduce_sq(params))
+            rbar = jax.tree.map(lambda n: reps_rel * (1 + jnp.sqrt(n)), reduce(sq, params))
         g0 = eps if kind != "dowg" else 0.0
         return DoGState(
             count=jnp.zeros((), jnp.int32),
             num_nonfinite=jnp.zeros((), jnp.int32),
-            init_params=params,
+            init_params=copy_to_state(params),
             rbar=rbar,
             grad_sum=jax.tree.map(lambda r: jnp.asarray(g0, acc), rbar),
         )
@@ -116,12 +141,13 @@ def _build(
         grads = updates
         if not is_static_zero(weight_decay):
             # coupled (L2) decay, as in dog-optimizer: it enters G as well
-            grads = jax.tree.map(lambda g, p: g + weight_decay * p, grads, params)
-        lr = learning_rate_at(learning_rate, state.count)
-        dist = jax.tree.map(jnp.sqrt, reduce_sq(jax.tree.map(jnp.subtract, params, state.init_params)))
-        grad_sq = reduce_sq(grads)
-        finite = jax.tree.map(jnp.isfinite, grad_sq)
-        gate = Gate.of(jnp.all(jnp.stack(jax.tree.leaves(finite))))
+            grads = jax.tree.map(lambda g, p: (g.astype(_tree.state_dtype(g.dtype)) + weight_decay * p), grads, params)
+        lr, lr_ok = learning_rate_at(learning_rate, schedule_step(state))
+        dist = jax.tree.map(jnp.sqrt, reduce(lambda x, x0: sq(x.astype(x0.dtype) - x0), params, state.init_params))
+        grad_sq = reduce(sq_probed, grads)
+        step_ok = V.all_of(lr_ok, hp_ok)
+        finite = jax.tree.map(lambda n, r: V.all_of(jnp.isfinite(n) & jnp.isfinite(r), step_ok), grad_sq, dist)
+        gate = Gate.of(_tree.tree_all(finite))
         # where the step is not taken, dist and grad_sq count as 0: rbar and G (both >= 0) stay as they are
         dist, grad_sq = (jax.tree.map(lambda x, ok: jnp.where(ok, x, 0), t, finite) for t in (dist, grad_sq))
         rbar = jax.tree.map(jnp.maximum, state.rbar, dist)
@@ -136,14 +162,13 @@ def _build(
             )
         if init_eta is not None:
             eta = jax.tree.map(lambda e: jnp.where(state.count == 0, jnp.asarray(init_eta, e.dtype), e), eta)
-        stepped = DoGState(
-            optax.safe_increment(state.count), state.num_nonfinite, state.init_params, rbar, grad_sum
-        )
+        stepped = DoGState(state.count, state.num_nonfinite, state.init_params, rbar, grad_sum)
         if not layerwise:
-            new_updates = jax.tree.map(lambda g: (-eta * g).astype(g.dtype), grads)
+            new_updates = jax.tree.map(lambda g, p: (-eta * g).astype(p.dtype), grads, params)
             return commit(gate, new_updates, stepped, state, gated=("rbar", "grad_sum"))
         # per tensor: each update waits only for its own tensor's norms
-        new_updates = jax.tree.map(lambda g, e, ok: jnp.where(ok, -e * g, 0).astype(g.dtype), grads, eta, finite)
+        new_updates = jax.tree.map(lambda g, e, ok, p: jnp.where(ok, -e * g, 0).astype(p.dtype), grads, eta, finite,
+                                   params)
         return new_updates, commit(gate, (), stepped, state, gated=("rbar", "grad_sum"))[1]
 
     return optax.GradientTransformation(init_fn, update_fn)
@@ -289,7 +314,7 @@ class PolynomialDecayAveragingState(NamedTuple):
     """State of :func:`polynomial_decay_averaging`."""
 
     count: jax.Array  # shape=(), int32: the averager's t, starting at 1.
-    averaged_params: Any  # xbar_t: same tree, shapes and dtypes as params.
+    averaged_params: Any  # xbar_t: same tree and shapes as params, float32 at least.
 
 
 def polynomial_decay_averaging(gamma: float = 8.0) -> optax.GradientTransformation:
@@ -321,15 +346,15 @@ def polynomial_decay_averaging(gamma: float = 8.0) -> optax.GradientTransformati
       Shamir, Zhang, `Stochastic Gradient Descent for Non-smooth Optimization: Convergence
       Results and Optimal Averaging Schemes <https://arxiv.org/abs/1212.1824>`_, ICML 2013.
     """
-    check_nonnegative("gamma", gamma, "The DoG authors use 8.")
+    V.nonnegative("gamma", gamma, "The DoG authors use 8.")
 
     def init_fn(params):
-        return PolynomialDecayAveragingState(jnp.ones((), jnp.int32), params)
+        check_init("polynomial_decay_averaging", params)
+        return PolynomialDecayAveragingState(jnp.ones((), jnp.int32), copy_to_state(params))
 
     def update_fn(updates, state, params=None):
-        if params is None:
-            raise ValueError("optim.polynomial_decay_averaging needs `params`: it averages params + updates.")
-        _tree.check_same_structure("updates", updates, "params", params)
+        check_update_args("polynomial_decay_averaging", updates, params, state.averaged_params,
+                          "the params given to `init`")
         t = state.count.astype(_tree.accumulation_dtype())
         w = (gamma + 1) / (t + gamma)
         avg = jax.tree.map(

@@ -11,8 +11,11 @@ Differences from ``optax.contrib.mechanize`` (0.2.8): that one clamps ``h`` to
 parameter dtype and has no ``axis_name``. The PyTorch package evaluates the weight-decay
 term at the parameters *after* the base step; here, as in the paper, at ``x_t``.
 
-Non-finite gradients: a NaN/Inf gradient entry makes ``h`` non-finite; the step is then
-skipped (zero updates, base and Mechanic state unchanged, ``num_nonfinite`` incremented).
+Non-finite gradients: a NaN/Inf gradient entry, or one whose square overflows the state
+dtype, makes ``h`` non-finite; the step is then skipped (zero updates, base and Mechanic
+state unchanged, ``num_nonfinite`` incremented). The base transform's state keeps its dtypes
+across steps (an ``optax.adam`` state built from float16 parameters stays float16 even when
+the gradients are float32), so the step and the skip agree on one state type.
 """
 
 from __future__ import annotations
@@ -24,8 +27,8 @@ import jax.numpy as jnp
 import optax
 
 from optim import _tree
-from optim._lrfree import Gate, check_update_args, commit
-from optim._validate import _concrete, check_nonnegative, check_positive
+from optim import _validate as V
+from optim._lrfree import Gate, check_init, check_update_args, commit, copy_to_state, overflow_probe
 
 _M_INIT = 1e-6  # mechanic-pytorch's initial max_product: makes s > 0 after the first step
 
@@ -101,24 +104,26 @@ def mechanize(
       <https://arxiv.org/abs/2306.00144>`_, NeurIPS 2023.
     """
     if not hasattr(base, "init") or not hasattr(base, "update"):
-        raise ValueError(f"`base` must be an optax.GradientTransformation, got {type(base).__name__}.")
-    check_nonnegative("weight_decay", weight_decay, "The paper uses 0.01.")
-    check_positive("s_init", s_init, "The paper uses 1e-8.")
-    check_positive("eps", eps, "The paper uses 1e-8.")
+        V.fail("base", base, "an optax.GradientTransformation (with `init` and `update`)",
+               "Pass e.g. optax.adam(1.0) (the base's learning rate is Mechanic's scale unit).", TypeError)
     if not isinstance(betas, (tuple, list)) or not betas:
-        raise ValueError(f"`betas` must be a non-empty tuple of floats in (0, 1], got {betas!r}.")
-    for i, b in enumerate(betas):
-        v = _concrete(b)
-        if v is not None and not 0.0 < v <= 1.0:
-            raise ValueError(f"`betas[{i}]` must be in (0, 1], got {b!r}. The paper uses 1 - 10^-k, k = 1..6.")
+        V.fail("betas", betas, "a non-empty tuple of floats in (0, 1]", "The paper uses 1 - 10^-k, k = 1..6.")
+    hp_ok = V.all_of(
+        V.nonnegative("weight_decay", weight_decay, "The paper uses 0.01."),
+        V.positive("s_init", s_init, "The paper uses 1e-8."),
+        V.positive("eps", eps, "The paper uses 1e-8."),
+        *(V.interval(f"betas[{i}]", b, 0.0, 1.0, lo_closed=False, hi_closed=True,
+                     hint="The paper uses 1 - 10^-k, k = 1..6.") for i, b in enumerate(betas)),
+    )
     base = optax.with_extra_args_support(base)
     n = len(betas)
 
     def init_fn(params):
+        check_init("mechanize", params)
         acc = _tree.accumulation_dtype()
         zeros = jnp.zeros((n,), acc)
         return MechanicState(
-            jnp.zeros((), jnp.int32), jnp.zeros((), jnp.int32), base.init(params), jax.tree.map(jnp.copy, params),
+            jnp.zeros((), jnp.int32), jnp.zeros((), jnp.int32), base.init(params), copy_to_state(params),
             zeros, jnp.full((n,), _M_INIT, acc), zeros, zeros,
         )
 
@@ -128,23 +133,32 @@ def mechanize(
         beta = jnp.asarray(betas, acc)
         s_sum = jnp.sum(state.s)
         g_sq, x_sq = _tree.tree_reduce_sum(
-            lambda x, g: (jnp.square(g), jnp.square(x)), params, updates, axis_name=axis_name
+            lambda x, g, x0: (jnp.square(g.astype(x0.dtype)), jnp.square(x.astype(x0.dtype))),
+            params, updates, state.x_ref, axis_name=axis_name
         )
         scale = s_sum + eps
         decay = (weight_decay * s_sum * jnp.sqrt(g_sq) / (jnp.sqrt(x_sq) + eps)).astype(acc)
-        # one pass over x - x_ref: <x - x_ref, g + decay x> (two sums sharing x - x_ref made XLA store it)
-        h = _tree.tree_reduce_sum(
-            lambda x, x0, g: (x - x0) * (g + decay * x), params, state.x_ref, updates, axis_name=axis_name
-        ) / scale
+
+        # one pass over x - x_ref: <x - x_ref, g + decay x> (two sums sharing x - x_ref made XLA store it),
+        # with the probe of g^2 in the state dtype (a gradient whose square overflows is skipped)
+        def inner(x, x0, g):
+            g = g.astype(x0.dtype)
+            return (x - x0) * (g + decay * x) + overflow_probe(jnp.square(g))
+
+        h = _tree.tree_reduce_sum(inner, params, state.x_ref, updates, axis_name=axis_name) / scale
         m = jnp.maximum(beta * state.m, jnp.abs(h))
         v = beta * beta * state.v + h * h
         r = jnp.maximum(0.0, beta * state.r - state.s * h)
         s = (s_init / n * m + r) / (jnp.sqrt(v) + eps)
         new_sum = jnp.sum(s)
-        gate = Gate.of(jnp.isfinite(h))
+        gate = Gate.of(jnp.isfinite(h) & jnp.all(jnp.isfinite(s)) & hp_ok)
 
         def step():
             base_updates, base_state = base.update(updates, state.base_state, params, **extra_args)
+            # the base may change its state's dtypes (optax.adam with float16 params and float32
+            # grads returns float32 moments): keep the types of the state it was initialised with
+            base_state = jax.tree.map(lambda new, old: jnp.asarray(new).astype(jnp.result_type(old)), base_state,
+                                      state.base_state)
             new_updates = jax.tree.map(
                 lambda x, x0, u: ((x0 - x) + new_sum * ((x - x0) / scale + u)).astype(x.dtype),
                 params, state.x_ref, base_updates,
@@ -156,8 +170,7 @@ def mechanize(
 
         # the base state is the base's own: skip its step by a branch, not a select (which costs a copy)
         new_updates, base_state = jax.lax.cond(gate.take, step, skip)
-        stepped = MechanicState(optax.safe_increment(state.count), state.num_nonfinite, base_state, state.x_ref,
-                                s, m, v, r)
+        stepped = MechanicState(state.count, state.num_nonfinite, base_state, state.x_ref, s, m, v, r)
         return commit(gate, new_updates, stepped, state, gated=("base_state",))
 
     return optax.GradientTransformationExtraArgs(init_fn, update_fn)

@@ -8,10 +8,16 @@ after a few hundred steps with the reference defaults), has no ``growth_rate``/`
 coupled decay, keeps ``d`` in the lowest parameter dtype (bfloat16 with bfloat16 params)
 and has no ``axis_name``.
 
-Non-finite gradients: a NaN/Inf in any gradient entry makes the step's numerator
-``<g, x0 - x>`` non-finite; the step is then skipped (zero updates, state unchanged,
-``num_nonfinite`` incremented), so ``d`` never absorbs a NaN. With ``slice_p > 1`` only the
-sliced entries enter the numerator, so only they are checked.
+Non-finite gradients: a NaN/Inf in any gradient entry, or an entry whose second-moment
+increment ``d^2 (1 - beta2) g^2`` overflows the state dtype (a float32 ``exp_avg_sq`` cannot
+hold ``1e30**2``: it would turn inf and freeze the parameters for good), makes the step's
+numerator ``<g, x0 - x>`` non-finite; the step is then skipped (zero updates, state
+unchanged, ``num_nonfinite`` incremented), so ``d`` never absorbs a NaN and the run goes on
+as if that gradient had not come. The same holds for NaN in the parameters, and for a
+learning rate (a schedule's value) that is NaN, infinite or negative; the schedule is
+evaluated at the number of ``update`` calls, so it moves past a bad value. With
+``slice_p > 1`` the whole gradient is checked in the same pass. State buffers are float32
+at least, so float16/bfloat16 parameters train like float32 ones (``optim._lrfree``).
 """
 
 from __future__ import annotations
@@ -24,17 +30,21 @@ import jax.numpy as jnp
 import optax
 
 from optim import _tree
+from optim import _validate as V
 from optim._lrfree import (
+    Gate,
     ScalarOrSchedule,
     check_betas,
     check_growth_rate,
+    check_init,
+    check_learning_rate,
     check_update_args,
-    Gate,
     commit,
     is_static_zero,
     learning_rate_at,
+    overflow_probe,
+    schedule_step,
 )
-from optim._validate import check_nonnegative, check_open_unit, check_positive
 
 #: Named settings for :func:`prodigy`, each with its source.
 #: ``"paper"``: the ``prodigyopt`` 1.1.2 defaults (Mishchenko & Defazio 2024).
@@ -137,22 +147,21 @@ def prodigy(
       ``optax.contrib.prodigy`` always uses bias correction; for its behaviour pass
       ``**PRODIGY_PRESETS["optax"]``.
     """
-    check_positive("learning_rate", learning_rate, "The authors recommend 1.0.")
-    b1, b2 = check_betas(betas)
-    if beta3 is not None:
-        check_open_unit("beta3", beta3, "Pass None for sqrt(beta2).")
-    check_positive("eps", eps, "The reference default is 1e-8.")
-    check_nonnegative("weight_decay", weight_decay, "Try 0, 1e-3, 1e-2 or 1e-1.")
-    check_positive("d0", d0, "It is the initial step size; the reference default is 1e-6 (raise to 1e-5 or 1e-4 if d stays small).")
-    check_positive("d_coef", d_coef, "Values between 0.5 and 10 are typical; 1.0 is the default.")
-    check_growth_rate(growth_rate)
+    (b1, b2), betas_ok = check_betas(betas)
+    hp_ok = V.all_of(
+        check_learning_rate(learning_rate, "The authors recommend 1.0."),
+        betas_ok,
+        True if beta3 is None else V.open_unit("beta3", beta3, "Pass None for sqrt(beta2)."),
+        V.positive("eps", eps, "The reference default is 1e-8."),
+        V.nonnegative("weight_decay", weight_decay, "Try 0, 1e-3, 1e-2 or 1e-1."),
+        V.positive("d0", d0, "It is the initial step size; the reference default is 1e-6 (raise to 1e-5 or 1e-4 if "
+                   "d stays small)."),
+        V.positive("d_coef", d_coef, "Values between 0.5 and 10 are typical; 1.0 is the default."),
+        check_growth_rate(growth_rate),
+    )
     if slice_p is None:
         slice_p = 1
-    if isinstance(slice_p, bool) or not isinstance(slice_p, int) or slice_p < 1:
-        raise ValueError(
-            f"`slice_p` must be a static Python int >= 1, got {slice_p!r}. With "
-            "optax.inject_hyperparams pass static_args=('slice_p',)."
-        )
+    slice_p = V.static_int("slice_p", slice_p, 1, "With optax.inject_hyperparams pass static_args=('slice_p',).")
     use_m = not is_static_zero(b1)
     coupled = not decouple and not is_static_zero(weight_decay)
     decoupled = decouple and not is_static_zero(weight_decay)
@@ -161,9 +170,11 @@ def prodigy(
         return x.reshape(-1)[::slice_p] if slice_p > 1 else x
 
     def init_fn(params):
+        check_init("prodigy", params)
         acc = _tree.accumulation_dtype()
-        def zeros():  # fresh buffers per field, so params and state can all be donated
-            return jax.tree.map(jnp.zeros_like, params)
+
+        def zeros(p):  # fresh buffers per field, so params and state can all be donated
+            return jnp.zeros(p.shape, _tree.state_dtype(p.dtype))
 
         return ProdigyState(
             count=jnp.zeros((), jnp.int32),
@@ -171,16 +182,16 @@ def prodigy(
             d=jnp.asarray(d0, acc),
             d_max=jnp.asarray(d0, acc),
             d_numerator=jnp.zeros((), acc),
-            exp_avg=zeros() if use_m else None,
-            exp_avg_sq=zeros(),
-            grad_sum=jax.tree.map(lambda p: jnp.zeros_like(sl(p)), params),
-            params0=jax.tree.map(lambda p: jnp.copy(sl(p)), params),
+            exp_avg=jax.tree.map(zeros, params) if use_m else None,
+            exp_avg_sq=jax.tree.map(zeros, params),
+            grad_sum=jax.tree.map(lambda p: zeros(sl(p)), params),
+            params0=jax.tree.map(lambda p: jnp.array(sl(p), _tree.state_dtype(p.dtype), copy=True), params),
         )
 
     def update_fn(updates, state, params=None):
         check_update_args("prodigy", updates, params, state.exp_avg_sq, "the params given to `init`")
         acc = _tree.accumulation_dtype()
-        lr = learning_rate_at(learning_rate, state.count)
+        lr, lr_ok = learning_rate_at(learning_rate, schedule_step(state))
         d = state.d
         d_init = jnp.asarray(d0, acc)
         b3 = jnp.sqrt(jnp.asarray(b2, acc)) if beta3 is None else jnp.asarray(beta3, acc)
@@ -190,21 +201,30 @@ def prodigy(
         else:
             bc = jnp.ones((), acc)
         dlr = d * lr * bc
-        grads = updates
+        # the gradient in the state dtype (float32 at least) before any product
+        grads = jax.tree.map(lambda g, v: g.astype(v.dtype), updates, state.exp_avg_sq)
         if coupled:
-            grads = jax.tree.map(lambda g, p: g + weight_decay * p, grads, params)
+            grads = jax.tree.map(lambda g, p: g + weight_decay * p.astype(g.dtype), grads, params)
 
         ratio = d / d_init
         s_coef = ratio * (d if safeguard_warmup else dlr)
-        num = _tree.tree_reduce_sum(lambda g, p, p0: sl(g) * (p0 - sl(p)), grads, params, state.params0,
-                                    axis_name=axis_name)
+        v_coef = d * d * (1 - b2)
+
+        def stats(g, p, p0, v):
+            # <g, x0 - x>, plus 0 * (v's increment): NaN iff an increment is not representable in v
+            probe = overflow_probe((v_coef * jnp.square(g)).astype(v.dtype))
+            if slice_p == 1:
+                return sl(g) * (p0 - sl(p)) + probe
+            return sl(g) * (p0 - sl(p)), probe
+
+        sums = _tree.tree_reduce_sum(stats, grads, params, state.params0, state.exp_avg_sq, axis_name=axis_name)
+        num = sums if slice_p == 1 else sums[0] + sums[1]
         d_numerator = b3 * state.d_numerator + ratio * dlr * num
-        # every gradient entry enters <g, x0 - x>, so it decides finiteness before s is touched; lr == 0
+        # every gradient entry enters the sums, so they decide finiteness before s is touched; lr == 0
         # leaves everything as it is (the reference returns first)
-        gate = Gate.of(jnp.isfinite(d_numerator), lr > 0)
-        grads = gate.mask(grads)
-        grad_sum = jax.tree.map(lambda s, g: (gate.decay(b3) * s + s_coef * sl(g)).astype(s.dtype), state.grad_sum,
-                                grads)
+        gate = Gate.of(jnp.isfinite(d_numerator) & lr_ok & hp_ok, lr > 0)
+        grad_sum = jax.tree.map(lambda s, g: (gate.decay(b3) * s + gate.inc(s_coef * sl(g))).astype(s.dtype),
+                                state.grad_sum, grads)
         denom = _tree.tree_l1(grad_sum, axis_name)  # from the stored s: no second pass over g
 
         # ||s||_1 = 0 (no gradient signal yet, so m = v = 0 and the step is 0): d waits, as in the reference
@@ -214,11 +234,11 @@ def prodigy(
         d_new = jnp.where(denom > 0, jnp.minimum(d_max, d_new * growth_rate), d)
 
         exp_avg_sq = jax.tree.map(
-            lambda v_, g: (gate.decay(b2) * v_ + (d * d * (1 - b2)) * jnp.square(g)).astype(v_.dtype),
+            lambda v_, g: (gate.decay(b2) * v_ + gate.inc(v_coef * jnp.square(g))).astype(v_.dtype),
             state.exp_avg_sq, grads,
         )
         if use_m:
-            exp_avg = jax.tree.map(lambda m, g: (gate.decay(b1) * m + (d * (1 - b1)) * g).astype(m.dtype),
+            exp_avg = jax.tree.map(lambda m, g: (gate.decay(b1) * m + gate.inc((d * (1 - b1)) * g)).astype(m.dtype),
                                    state.exp_avg, grads)
             direction = exp_avg
             step = dlr
@@ -232,9 +252,8 @@ def prodigy(
             return out.astype(p.dtype)
 
         new_updates = jax.tree.map(leaf_update, direction, exp_avg_sq, params)
-        count = optax.safe_increment(state.count)
-        stepped = ProdigyState(count, state.num_nonfinite, d_new, d_max, d_numerator, exp_avg, exp_avg_sq, grad_sum,
-                               state.params0)
+        stepped = ProdigyState(state.count, state.num_nonfinite, d_new, d_max, d_numerator, exp_avg, exp_avg_sq,
+                               grad_sum, state.params0)
         return commit(gate, new_updates, stepped, state, gated=("exp_avg", "exp_avg_sq", "grad_sum"))
 
     return optax.GradientTransformation(init_fn, update_fn)

@@ -23,25 +23,41 @@ matches PyTorch's ``optimizer.train()`` (params are ``y``) and ``optimizer.eval(
 the ``z`` step is evaluated one step behind the averaging weight (its first ``z`` step has
 learning rate 0), and there is no ``r`` weighting or RAdam variant.
 
-**Non-finite gradients.** A step whose gradient has a NaN/Inf entry is skipped: zero
-updates, state unchanged but for ``num_nonfinite``. The finiteness test is the only global
-reduction here (``axis_name`` makes it agree across shards) and, unlike the D-Adaptation
-family's, not free: it reads the gradient once more. ``skip_nonfinite=False`` drops it.
+**Non-finite gradients.** A step whose gradient has a NaN/Inf entry, or an entry whose
+square overflows the dtype of ``z`` (``|g| > 1.8e19`` in float32: the second moment could not
+hold it, and a plain SGD step of that size is no step), is skipped: zero updates, state
+unchanged but for ``num_nonfinite``. The finiteness test is the only global reduction here
+(``axis_name`` makes it agree across shards) and, unlike the D-Adaptation family's, not free:
+it reads the gradient once more. ``skip_nonfinite=False`` drops it. A learning rate (a
+schedule's value) that is NaN, infinite or negative skips the step as well (with or without
+the check); the schedule is evaluated at the number of ``update`` calls, while the warmup
+and the averaging weights count applied steps, as in the reference (``optim._lrfree``).
+``z`` and the second moments are float32 at least, so float16/bfloat16 parameters train
+like float32 ones; integer parameters raise ``TypeError``.
 """
 
 from __future__ import annotations
 
-from typing import Any, Callable, NamedTuple
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
 import optax
 
 from optim import _tree
-from optim._lrfree import Gate, check_update_args, commit, is_static_zero, learning_rate_at
-from optim._validate import check_nonnegative, check_nonnegative_int, check_open_unit, check_positive
-
-ScalarOrSchedule = float | jax.Array | Callable[[jax.Array], jax.Array]
+from optim import _validate as V
+from optim._lrfree import (
+    Gate,
+    ScalarOrSchedule,
+    check_init,
+    check_learning_rate,
+    check_update_args,
+    commit,
+    is_static_zero,
+    learning_rate_at,
+    overflow_probe,
+    schedule_step,
+)
 
 #: Named settings for :func:`schedule_free_adamw`.
 #: ``"reference"``: the defaults of ``schedulefree.AdamWScheduleFree`` (1.4.1).
@@ -69,20 +85,35 @@ class ScheduleFreeState(NamedTuple):
     b1: jax.Array  # shape=(), accumulation dtype: the interpolation beta, kept for eval params.
     weight_sum: jax.Array  # shape=(), accumulation dtype: sum of the averaging weights w_t.
     lr_max: jax.Array  # shape=(), accumulation dtype: largest step size so far.
-    z: Any  # the z sequence: same tree and shapes as params (dtype state_dtype or the params').
+    z: Any  # the z sequence: same tree and shapes as params (dtype state_dtype, default float32 at least).
     inner: Any  # AdamW/RAdam: second moments (like z); SGD: None; wrapper: the base transform's state.
 
 
-def _check_common(learning_rate, b1, weight_decay, r, weight_lr_power):
-    check_positive("learning_rate", learning_rate)
-    check_open_unit("b1", b1, "Schedule-free needs 0 < b1 < 1 (x is recovered from y and z by dividing by b1).")
-    check_nonnegative("weight_decay", weight_decay)
-    check_nonnegative("r", r, "r = 0 is the uniform average; AlgoPerf used 0.75.")
-    check_nonnegative("weight_lr_power", weight_lr_power, "The reference default is 2.")
+def _check_common(learning_rate, b1, weight_decay, r, weight_lr_power, state_dtype, name="weight_decay"):
+    """The checks every schedule-free factory makes; returns the runtime predicate for traced values."""
+    if state_dtype is not None:
+        try:
+            dt = jnp.dtype(state_dtype)
+        except TypeError:
+            dt = None
+        if dt is None or dt.name not in V.SUPPORTED_DTYPES:
+            V.fail("state_dtype", state_dtype, "None or one of " + ", ".join(V.SUPPORTED_DTYPES),
+                   "None keeps z in float32 at least (float64 for float64 parameters).", TypeError)
+    return V.all_of(
+        check_learning_rate(learning_rate, "The reference advises 10-50x the usual SGD rate (1-10x for AdamW)."),
+        V.open_unit("b1", b1, "Schedule-free needs 0 < b1 < 1 (x is recovered from y and z by dividing by b1)."),
+        V.nonnegative(name, weight_decay, "0 is the reference default."),
+        V.nonnegative("r", r, "r = 0 is the uniform average; AlgoPerf used 0.75."),
+        V.nonnegative("weight_lr_power", weight_lr_power, "The reference default is 2."),
+    )
+
+
+def _z_dtype(p, state_dtype):
+    return jnp.dtype(state_dtype) if state_dtype is not None else _tree.state_dtype(p.dtype)
 
 
 def _zeros_like_tree(tree, dtype):
-    return jax.tree.map(lambda p: jnp.zeros(p.shape, dtype or p.dtype), tree)
+    return jax.tree.map(lambda p: jnp.zeros(p.shape, _z_dtype(p, dtype)), tree)
 
 
 def _averaging_weight(state, lr, r, weight_lr_power):
@@ -96,11 +127,17 @@ def _averaging_weight(state, lr, r, weight_lr_power):
     return ckp1, lr_max, weight_sum
 
 
-def _finite_gate(updates, skip_nonfinite: bool, axis_name) -> Gate:
-    """Take the step iff the gradient is finite; always, without the check."""
+def _finite_gate(updates, skip_nonfinite: bool, axis_name, z, step_ok) -> Gate:
+    """Take the step iff the gradient is representable in the state (and lr, hyperparameters are valid).
+
+    The test sums ``0 * g^2`` in the dtype of ``z``: NaN iff an entry is NaN/Inf or its square
+    overflows (``|g| > 1.8e19`` in float32). Without the check only ``step_ok`` counts.
+    """
     if not skip_nonfinite:
-        return Gate.of(jnp.ones((), bool))
-    return Gate.of(jnp.isfinite(_tree.tree_norm_sq(updates, axis_name)))
+        return Gate.of(step_ok)
+    probe = _tree.tree_reduce_sum(lambda g, zi: overflow_probe(jnp.square(g.astype(zi.dtype))), updates, z,
+                                  axis_name=axis_name)
+    return Gate.of(V.all_of(jnp.isfinite(probe), step_ok))
 
 
 def _check_update_args(name, updates, params, state):
@@ -108,7 +145,7 @@ def _check_update_args(name, updates, params, state):
 
 
 def _schedule_free_core(name, direction, init_inner, learning_rate, b1, r, weight_lr_power, warmup_steps,
-                        state_dtype, skip_nonfinite, axis_name):
+                        state_dtype, skip_nonfinite, axis_name, hp_ok):
     """Shared y/z/x recursion of the fused SGD/AdamW/RAdam variants.
 
     ``direction(grads, params, inner, count, gate) -> (ghat, lr_factor, inner)`` returns the
@@ -119,26 +156,29 @@ def _schedule_free_core(name, direction, init_inner, learning_rate, b1, r, weigh
     acc = _tree.accumulation_dtype()
 
     def init_fn(params):
+        check_init(name, params)
         return ScheduleFreeState(
             count=jnp.zeros((), jnp.int32),
             num_nonfinite=jnp.zeros((), jnp.int32),
             b1=jnp.asarray(b1, acc),
             weight_sum=jnp.zeros((), acc),
             lr_max=jnp.zeros((), acc),
-            z=jax.tree.map(lambda p: p.astype(state_dtype or p.dtype), params),
+            z=jax.tree.map(lambda p: jnp.array(p, _z_dtype(p, state_dtype), copy=True), params),
             inner=init_inner(params),
         )
 
     def update_fn(updates, state, params=None):
         _check_update_args(name, updates, params, state)
         k = state.count
-        lr = learning_rate_at(learning_rate, k)
+        # the user's schedule runs on update calls; the warmup and the averaging weight on applied steps
+        lr, lr_ok = learning_rate_at(learning_rate, schedule_step(state))
         if not is_static_zero(warmup_steps):
             lr = lr * jnp.minimum((k + 1).astype(acc) / warmup_steps, 1)
-        gate = _finite_gate(updates, skip_nonfinite, axis_name)
-        ghat, factor, inner = direction(gate.mask(updates), params, state.inner, k, gate)
-        ghat = gate.mask(ghat)  # weight decay at y would move z on a skipped step
-        lr = lr * factor
+        gate = _finite_gate(updates, skip_nonfinite, axis_name, state.z, V.all_of(lr_ok, hp_ok))
+        grads = jax.tree.map(lambda g, z: gate.inc(g.astype(z.dtype)), updates, state.z)
+        ghat, factor, inner = direction(grads, params, state.inner, k, gate)
+        ghat = gate.inc(ghat)  # weight decay at y would move z on a skipped step
+        lr = jnp.where(gate.take, lr * factor, 0)  # a NaN lr of a skipped step must not reach z or the weights
         ckp1, lr_max, weight_sum = _averaging_weight(state, lr, r, weight_lr_power)
         z = jax.tree.map(lambda z, g: (z - lr * g).astype(z.dtype), state.z, ghat)
         y_coef = b1 * (1 - ckp1) - 1
@@ -149,9 +189,7 @@ def _schedule_free_core(name, direction, init_inner, learning_rate, b1, r, weigh
             return (ckp1 * (z_old - y) + y_coef * (z_old - z_new)).astype(y.dtype)
 
         new_updates = jax.tree.map(y_step, params, state.z, z)
-        stepped = ScheduleFreeState(
-            optax.safe_increment(k), state.num_nonfinite, state.b1, weight_sum, lr_max, z, inner
-        )
+        stepped = ScheduleFreeState(k, state.num_nonfinite, state.b1, weight_sum, lr_max, z, inner)
         return commit(gate, new_updates, stepped, state, gated=("z", "inner"))
 
     return optax.GradientTransformation(init_fn, update_fn)
@@ -191,9 +229,11 @@ def schedule_free_sgd(
       warmup_steps: linear warmup length; ``gamma_t = lr (t+1) / warmup_steps`` before it.
       r: polynomial weighting power of the average.
       weight_lr_power: power of ``max lr`` in the averaging weight.
-      state_dtype: dtype of ``z`` (default: the parameters').
-      skip_nonfinite: skip a step whose gradient has a NaN/Inf entry (see the module
-        docstring). The check is a pass over the gradient, about 15 % of a step that is
+      state_dtype: dtype of ``z`` and the second moments (default: float32 at least, the
+        parameters' dtype if wider; ``jnp.bfloat16`` halves the state of bfloat16 models at
+        the cost of precision in the average).
+      skip_nonfinite: skip a step whose gradient has a NaN/Inf entry, or one whose square
+        overflows the dtype of ``z`` (see the module docstring). The check is a pass over the gradient, about 15 % of a step that is
         memory-bound; ``False`` drops it, and a non-finite gradient then corrupts ``z`` and
         ``y`` (as in ``optax.contrib``; ``optax.apply_if_finite`` is the generic guard).
       axis_name: mapped axis for the (only) global reduction, the non-finite check.
@@ -215,8 +255,8 @@ def schedule_free_sgd(
       Defazio, Yang, Mehta, Mishchenko, Khaled, Cutkosky, `The Road Less Scheduled
       <https://arxiv.org/abs/2405.15682>`_, NeurIPS 2024.
     """
-    _check_common(learning_rate, b1, weight_decay, r, weight_lr_power)
-    check_nonnegative_int("warmup_steps", warmup_steps)
+    hp_ok = V.all_of(_check_common(learning_rate, b1, weight_decay, r, weight_lr_power, state_dtype),
+                     V.nonnegative_int("warmup_steps", warmup_steps))
     decay = _decay_at_y(weight_decay)
 
     def direction(grads, params, inner, k, gate):
@@ -224,13 +264,13 @@ def schedule_free_sgd(
 
     return _schedule_free_core(
         "schedule_free_sgd", direction, lambda p: None, learning_rate, b1, r, weight_lr_power, warmup_steps,
-        state_dtype, skip_nonfinite, axis_name,
+        state_dtype, skip_nonfinite, axis_name, hp_ok,
     )
 
 
 def _check_adam(b2, eps):
-    check_open_unit("b2", b2, "The reference default is 0.999.")
-    check_nonnegative("eps", eps)
+    return V.all_of(V.open_unit("b2", b2, "The reference default is 0.999."),
+                    V.nonnegative("eps", eps, "The reference default is 1e-8."))
 
 
 def schedule_free_adamw(
@@ -277,9 +317,8 @@ def schedule_free_adamw(
     References:
       Defazio et al., `The Road Less Scheduled <https://arxiv.org/abs/2405.15682>`_, NeurIPS 2024.
     """
-    _check_common(learning_rate, b1, weight_decay, r, weight_lr_power)
-    _check_adam(b2, eps)
-    check_nonnegative_int("warmup_steps", warmup_steps)
+    hp_ok = V.all_of(_check_common(learning_rate, b1, weight_decay, r, weight_lr_power, state_dtype),
+                     _check_adam(b2, eps), V.nonnegative_int("warmup_steps", warmup_steps))
     decay = _decay_at_y(weight_decay)
     acc = _tree.accumulation_dtype()
 
@@ -291,7 +330,7 @@ def schedule_free_adamw(
 
     return _schedule_free_core(
         "schedule_free_adamw", direction, lambda p: _zeros_like_tree(p, state_dtype), learning_rate, b1, r,
-        weight_lr_power, warmup_steps, state_dtype, skip_nonfinite, axis_name,
+        weight_lr_power, warmup_steps, state_dtype, skip_nonfinite, axis_name, hp_ok,
     )
 
 
@@ -336,8 +375,8 @@ def schedule_free_radam(
       Liu et al., `On the Variance of the Adaptive Learning Rate and Beyond
       <https://arxiv.org/abs/1908.03265>`_, ICLR 2020.
     """
-    _check_common(learning_rate, b1, weight_decay, r, weight_lr_power)
-    _check_adam(b2, eps)
+    hp_ok = V.all_of(_check_common(learning_rate, b1, weight_decay, r, weight_lr_power, state_dtype),
+                     _check_adam(b2, eps))
     decay = _decay_at_y(weight_decay)
     acc = _tree.accumulation_dtype()
     rho_inf = 2 / (1 - b2) - 1
@@ -357,7 +396,7 @@ def schedule_free_radam(
 
     return _schedule_free_core(
         "schedule_free_radam", direction, lambda p: _zeros_like_tree(p, state_dtype), learning_rate, b1, r,
-        weight_lr_power, 0, state_dtype, skip_nonfinite, axis_name,
+        weight_lr_power, 0, state_dtype, skip_nonfinite, axis_name, hp_ok,
     )
 
 
@@ -404,12 +443,17 @@ def schedule_free(
     References:
       Defazio et al., `The Road Less Scheduled <https://arxiv.org/abs/2405.15682>`_, NeurIPS 2024.
     """
-    _check_common(learning_rate, b1, weight_decay_at_y, r, weight_lr_power)
+    if not hasattr(base, "init") or not hasattr(base, "update"):
+        V.fail("base", base, "an optax.GradientTransformation (with `init` and `update`)",
+               "Pass e.g. optax.adam(1e-3, b1=0.0).", TypeError)
+    hp_ok = _check_common(learning_rate, b1, weight_decay_at_y, r, weight_lr_power, state_dtype,
+                          name="weight_decay_at_y")
     acc = _tree.accumulation_dtype()
     decay = not is_static_zero(weight_decay_at_y)
 
     def init_fn(params):
-        z = jax.tree.map(lambda p: p.astype(state_dtype or p.dtype), params)
+        check_init("schedule_free", params)
+        z = jax.tree.map(lambda p: jnp.array(p, _z_dtype(p, state_dtype), copy=True), params)
         return ScheduleFreeState(
             count=jnp.zeros((), jnp.int32),
             num_nonfinite=jnp.zeros((), jnp.int32),
@@ -422,8 +466,9 @@ def schedule_free(
 
     def update_fn(updates, state, params=None, **extra_args):
         _check_update_args("schedule_free", updates, params, state)
-        k = state.count
-        lr = learning_rate_at(learning_rate, k)
+        lr, lr_ok = learning_rate_at(learning_rate, schedule_step(state))
+        gate = _finite_gate(updates, skip_nonfinite, axis_name, state.z, V.all_of(lr_ok, hp_ok))
+        lr = jnp.where(gate.take, lr, 0)  # a NaN lr of a skipped step must not reach the weights
         y, z = params, state.z
         if decay:
             z = jax.tree.map(lambda zi, yi: (zi - lr * weight_decay_at_y * yi).astype(zi.dtype), z, y)
@@ -432,7 +477,10 @@ def schedule_free(
         ckp1, lr_max, weight_sum = _averaging_weight(state, lr, r, weight_lr_power)
 
         def step():
-            base_updates, inner = optax.with_extra_args_support(base).update(updates, state.inner, z, **extra_args)
+            grads = jax.tree.map(lambda g, zi: g.astype(zi.dtype), updates, z)
+            base_updates, inner = optax.with_extra_args_support(base).update(grads, state.inner, z, **extra_args)
+            # keep the base state's types (a base may widen them), so both branches agree
+            inner = jax.tree.map(lambda new, old: jnp.asarray(new).astype(jnp.result_type(old)), inner, state.inner)
             z_new = jax.tree.map(lambda zi, u: (zi + u).astype(zi.dtype), z, base_updates)
 
             def y_next(y0, xi, zi):
@@ -445,11 +493,8 @@ def schedule_free(
             return jax.tree.map(jnp.zeros_like, params), state.z, state.inner
 
         # the base state is the base's own: skip its step by a branch, not a select (which costs a copy)
-        gate = _finite_gate(updates, skip_nonfinite, axis_name)
         new_updates, z, inner = jax.lax.cond(gate.take, step, skip)
-        stepped = ScheduleFreeState(
-            optax.safe_increment(k), state.num_nonfinite, state.b1, weight_sum, lr_max, z, inner
-        )
+        stepped = ScheduleFreeState(state.count, state.num_nonfinite, state.b1, weight_sum, lr_max, z, inner)
         return commit(gate, new_updates, stepped, state, gated=("z", "inner"))
 
     return optax.GradientTransformationExtraArgs(init_fn, update_fn)
@@ -483,5 +528,5 @@ def schedule_free_eval_params(state: Any, params: Any) -> Any:
       ``x``, with the tree and dtypes of ``params``.
     """
     sf = _find_state(state)
-    _tree.check_same_structure("params", params, "state.z", sf.z)
+    V.same_structure("params", params, "state.z", sf.z)
     return jax.tree.map(lambda y, z: (y + (1 - 1 / sf.b1) * (z - y)).astype(y.dtype), params, sf.z)

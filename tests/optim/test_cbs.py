@@ -54,5 +54,5 @@ def test_optimization_mode_finds_rastrigin_minimum():
 
 
 def test_bad_mode():
-    with pytest.raises(ValueError, match="`mode`='sample' is invalid: expected one of 'sampling', 'optimization'"):
+    with pytest.raises(ValueError, match="`mode` must be one of 'sampling', 'optimization', got 'sample'"):
         optim.cbs("sample")

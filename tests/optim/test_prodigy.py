@@ -92,7 +92,7 @@ def test_zero_learning_rate_step_changes_nothing_but_the_count():
     [
         ({"d0": 0.0}, r"`d0` must be a finite number > 0, got 0.0"),
         ({"d0": -1e-6}, r"`d0` must be a finite number > 0, got -1e-06"),
-        ({"betas": (1.0, 0.999)}, r"`betas\[0\]` must be in the open interval \(0, 1\), got 1.0"),
+        ({"betas": (1.0, 0.999)}, r"`betas\[0\]` must be in \[0, 1\), got 1.0"),
         ({"betas": (0.9, 0.0)}, r"`betas\[1\]` must be in the open interval \(0, 1\), got 0.0"),
         ({"betas": (0.9,)}, r"`betas` must be a pair"),
         ({"beta3": 1.5}, r"`beta3` must be in the open interval"),
