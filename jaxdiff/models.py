@@ -111,7 +111,8 @@ class Denoiser(struct.PyTreeNode):
             raise ValueError(f"`schedule` must be a jaxdiff Schedule, got {type(self.schedule).__name__}.")
 
     def raw(self, x, t, args: Any):
-        """The model output (with guidance applied) at continuous time t."""
+        """The model output (with guidance applied) at continuous time t (scalar, or shape ``(B,)``)."""
+        _check_time(x, t)
         t_model = self.schedule.model_time(t)
         if self.guidance is None:
             out = self.fn(x, t_model, args)
@@ -124,17 +125,31 @@ class Denoiser(struct.PyTreeNode):
             )
         return out
 
-    def _coefficients(self, t, dtype):
+    def _coefficients(self, t, dtype, ndim):
         s = self.schedule
         alpha, sigma = s.alpha(t).astype(dtype), s.sigma(t).astype(dtype)
-        return alpha, sigma
+        return _per_sample(alpha, ndim), _per_sample(sigma, ndim)
 
     def x0_and_eps(self, x, t, args: Any):
-        """Both predictions from one model call, in at least float32."""
+        """Both predictions from one model call, in at least float32.
+
+        Args:
+            x: the noisy state x_t, shape ``(B, ...)`` (any shape the model takes when t is a scalar).
+            t: continuous time, a scalar or one time per sample, shape ``(B,)`` (as in training); the model
+                then receives ``t_model`` of shape ``(B,)`` and the coefficients broadcast over x's trailing axes.
+            args: the model's third argument (parameters, per-sample conditioning, ...).
+
+        Returns:
+            ``(x0, eps)``, each with the shape of ``x``.
+
+        Raises:
+            ValueError: ``t`` is neither a scalar nor of shape ``(x.shape[0],)``, or the model output's shape
+                differs from ``x``'s.
+        """
         dtype = jnp.result_type(x.dtype, jnp.float32)
         out = self.raw(x, t, args).astype(dtype)
         x = x.astype(dtype)
-        alpha, sigma = self._coefficients(t, dtype)
+        alpha, sigma = self._coefficients(t, dtype, x.ndim)
         p = self.prediction
         if p == "epsilon":
             eps = out
@@ -151,7 +166,7 @@ class Denoiser(struct.PyTreeNode):
             x0 = (x - sigma * eps) / alpha
         else:  # velocity
             d_alpha, d_sigma = jax.jvp(lambda tt: (self.schedule.alpha(tt), self.schedule.sigma(tt)), (t,), (jnp.ones_like(t),))[1]
-            d_alpha, d_sigma = d_alpha.astype(dtype), d_sigma.astype(dtype)
+            d_alpha, d_sigma = _per_sample(d_alpha.astype(dtype), x.ndim), _per_sample(d_sigma.astype(dtype), x.ndim)
             det = alpha * d_sigma - sigma * d_alpha
             x0 = (d_sigma * x - sigma * out) / det
             eps = (alpha * out - d_alpha * x) / det
@@ -170,4 +185,25 @@ class Denoiser(struct.PyTreeNode):
 
     def score(self, x, t, args: Any = None):
         """Score grad_x log p_t(x) = -eps / sigma_t."""
-        return -self.eps(x, t, args) / self.schedule.sigma(t)
+        eps = self.eps(x, t, args)
+        return -eps / _per_sample(self.schedule.sigma(t), eps.ndim)
+
+
+def _check_time(x, t):
+    """t is a scalar or one time per sample, shape (B,) for x of shape (B, ...)."""
+    if jnp.ndim(t) == 0:
+        return
+    if jnp.ndim(t) != 1 or jnp.ndim(x) < 1 or jnp.shape(t)[0] != jnp.shape(x)[0]:
+        raise ValueError(
+            f"`t` must be a scalar or one time per sample; got `t` of shape {jnp.shape(t)} for `x` of shape "
+            f"{jnp.shape(x)}. Pass a scalar, or `t` of shape ({jnp.shape(x)[0] if jnp.ndim(x) else 'B'},) "
+            "for `x` of shape (B, ...)."
+        )
+
+
+def _per_sample(c, ndim: int):
+    """Coefficients of a per-sample t (shape (B,)) reshaped to (B, 1, ..., 1); scalars unchanged."""
+    # explicit reshape: the suite (and careful users) run with jax_numpy_rank_promotion="raise"
+    if jnp.ndim(c) == 0:
+        return c
+    return c.reshape(c.shape + (1,) * (ndim - 1))

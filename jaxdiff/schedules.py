@@ -16,12 +16,17 @@ from __future__ import annotations
 
 import abc
 import math
+from collections.abc import Mapping
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import struct
 
-__all__ = ["Schedule", "VPLinear", "VPCosine", "VPDiscrete", "VE", "EDM", "RectifiedFlow"]
+__all__ = ["Schedule", "VPLinear", "VPCosine", "VPDiscrete", "VE", "EDM", "RectifiedFlow", "DIFFUSERS_BETA_SCHEDULES"]
+
+# diffusers' `beta_schedule` names that `VPDiscrete.from_diffusers` builds
+DIFFUSERS_BETA_SCHEDULES = ("linear", "scaled_linear", "squaredcos_cap_v2", "sigmoid", "laplace", "exp")
 
 
 def _float(x):
@@ -148,23 +153,167 @@ class VPDiscrete(_VP):
     ``t_of_lambda`` is its exact inverse on the same breakpoints. The network receives the DDPM index
     ``N t - 1`` (a float; integer at table entries).
 
-    Build from ``betas`` or ``alphas_cumprod`` (exactly one).
+    A zero terminal SNR table (Lin et al., 2023: ``alphas_cumprod[-1] = 0``, ``log_alphas[-1] = -inf``) is
+    supported: on its last segment alpha (not log alpha) is linear in t, alpha_t = (1 - f) alpha_{N-2} with
+    f = N t - (N - 1), so alpha, sigma, lambda and ``t_of_lambda`` are finite strictly inside, alpha -> 0,
+    sigma -> 1 and lambda -> -inf at t = 1, and derivatives are finite everywhere (``d alpha/dt = -N
+    alpha_{N-2}`` on that segment, also at t = 1). Only the last entry may be zero.
+
+    Build from ``betas`` or ``alphas_cumprod`` (exactly one); both are checked (betas in (0, 1], beta = 1
+    only last; alphas_cumprod in [0, 1], non-increasing, zero only last) when they are concrete, and the
+    checks are skipped when they are traced. ``log_alphas`` (log sqrt(alphas_cumprod)) is stored as given and
+    never checked: it is the path JAX uses to rebuild the pytree from gradients and tangents. diffusers
+    configs: ``VPDiscrete.from_diffusers(config)``.
+
+    Args:
+        betas: shape ``(N,)``, the per-step betas (N >= 2).
+        alphas_cumprod: shape ``(N,)``, the cumulative products prod_{m<=n} (1 - beta_m).
+        log_alphas: shape ``(N,)``, 0.5 log(alphas_cumprod).
+
+    Raises:
+        ValueError: not exactly one table, a table that is not 1-D with N >= 2, or (concrete tables) values
+            outside the ranges above.
+
+    Example:
+        >>> s = VPDiscrete(np.linspace(1e-4, 0.02, 1000))
+        >>> int(s.model_time(1.0)), s.num_train_steps
+        (999, 1000)
     """
 
-    log_alphas: jax.Array  # shape (N,), log sqrt(alphas_cumprod)
+    log_alphas: jax.Array  # shape (N,), log sqrt(alphas_cumprod); the last entry may be -inf
 
     def __init__(self, betas=None, *, alphas_cumprod=None, log_alphas=None):
         given = [v is not None for v in (betas, alphas_cumprod, log_alphas)]
         if sum(given) != 1:
             raise ValueError("`VPDiscrete` takes exactly one of `betas`, `alphas_cumprod` or `log_alphas`.")
-        table = next(v for v in (betas, alphas_cumprod, log_alphas) if v is not None)
-        if jnp.ndim(table) != 1 or jnp.shape(table)[0] < 2:
-            raise ValueError(f"`VPDiscrete` needs a 1-D table of at least 2 entries, got shape {jnp.shape(table)}.")
-        if betas is not None:
-            log_alphas = 0.5 * jnp.cumsum(jnp.log1p(-_float(betas)))
-        elif alphas_cumprod is not None:
-            log_alphas = 0.5 * jnp.log(_float(alphas_cumprod))
+        if log_alphas is None:
+            name, table = ("betas", betas) if betas is not None else ("alphas_cumprod", alphas_cumprod)
+            if jnp.ndim(table) != 1 or jnp.shape(table)[0] < 2:
+                raise ValueError(
+                    f"`VPDiscrete` needs a 1-D table of at least 2 entries, got `{name}` of shape {jnp.shape(table)}."
+                )
+            _check_table(name, table)
+            if betas is not None:
+                log_alphas = 0.5 * jnp.cumsum(jnp.log1p(-_float(betas)))
+            else:
+                log_alphas = 0.5 * jnp.log(_float(alphas_cumprod))
         object.__setattr__(self, "log_alphas", log_alphas)
+
+    @classmethod
+    def from_diffusers(cls, config, *, zero_snr_floor: float | None = None) -> "VPDiscrete":
+        """The table of a diffusers scheduler config, built as diffusers builds it.
+
+        Reads ``num_train_timesteps`` (default 1000), ``beta_start`` (0.0001), ``beta_end`` (0.02),
+        ``beta_schedule`` ("linear"), ``trained_betas`` (None) and ``rescale_betas_zero_snr`` (False), with
+        diffusers' defaults for absent keys; other keys (``prediction_type``, spacings, ...) are ignored.
+        ``beta_schedule`` is one of ``DIFFUSERS_BETA_SCHEDULES``:
+
+        - ``"linear"``: beta = linspace(beta_start, beta_end, N);
+        - ``"scaled_linear"``: beta = linspace(sqrt(beta_start), sqrt(beta_end), N)^2 (latent diffusion);
+        - ``"squaredcos_cap_v2"``: beta_i = min(1 - abar((i+1)/N) / abar(i/N), 0.999) with the iDDPM cosine
+          abar(t) = cos^2((t + 0.008)/1.008 pi/2) (Nichol & Dhariwal, 2021);
+        - ``"sigmoid"``: beta = sigmoid(linspace(-6, 6, N)) (beta_end - beta_start) + beta_start (GeoDiff);
+        - ``"laplace"`` and ``"exp"``: the same capped ratio with diffusers' ``betas_for_alpha_bar``
+          transforms abar(t) = sqrt(s / (1 + s)), s = exp(-sign(1/2 - t) log(1 - |1 - 2t| + 1e-6) / 2),
+          and abar(t) = exp(-12 t) (HeunDiscreteScheduler).
+
+        ``rescale_betas_zero_snr`` applies Lin et al. (2023, arXiv 2305.08891, Alg. 1): sqrt(alphas_cumprod)
+        is shifted and scaled, sqrt(abar) <- (sqrt(abar) - sqrt(abar_{N-1})) sqrt(abar_0) / (sqrt(abar_0) -
+        sqrt(abar_{N-1})), so abar_0 is kept and the last entry is exactly 0 (lambda = -inf at t = 1).
+
+        The betas are computed in float32 exactly as diffusers computes them (PyTorch's float32 ``linspace``,
+        float32 ``1 - beta``); the products are accumulated in float64, like PyTorch's CPU ``cumprod``, and
+        stored as log alphas in float64 (float32 without ``jax_enable_x64``): ``exp(2 log_alphas)`` equals
+        diffusers' float32 ``alphas_cumprod`` to its last rounding (<= 3e-8). The zero-SNR rescaling is done
+        in float64, so sqrt(alphas_cumprod) is exactly affine in the original one; diffusers does it in
+        float32 with PyTorch's CPU ``sqrt``, which is not correctly rounded (one ulp off in about a quarter of
+        the entries, CPU-dependent), so its rescaled float32 table differs from the exact one, and from this
+        one, by up to about 1e-6. Run in float64, diffusers' rescaling agrees with this table to 1e-15.
+
+        Args:
+            config: a diffusers scheduler config: the dict of ``scheduler_config.json``, or any object with a
+                ``.config`` mapping (a diffusers scheduler instance); diffusers itself is not imported.
+            zero_snr_floor: None (default) keeps the exact zero of a zero terminal SNR table, which
+                ``VPDiscrete`` handles (the right model is then v- or x0-prediction, and sampling starts at
+                t = 1 with alpha = 0). A float in (0, 1) replaces that last ``alphas_cumprod`` entry by it,
+                which is what diffusers' DPMSolverMultistep, UniPC, Euler and EulerAncestral schedulers do
+                with ``2**-24`` so that their first sigma is finite: use it to reproduce those schedulers'
+                outputs. Tables that do not end at zero are left unchanged. A floor above the previous entry
+                is an error: diffusers applies it anyway (the rescaled linear 1e-4..0.02 table has
+                alphas_cumprod[N-2] = 4.2e-9 < 2**-24), but the table would then increase at its end.
+
+        Returns:
+            ``VPDiscrete`` with ``N = num_train_timesteps`` entries (``len(trained_betas)`` if given).
+
+        Raises:
+            TypeError: ``config`` is not a mapping and has no ``.config`` mapping.
+            ValueError: an unknown ``beta_schedule``, a value of the wrong type or range, or betas outside
+                (0, 1]; the message lists what is supported.
+
+        Example:
+            >>> s = VPDiscrete.from_diffusers({"beta_schedule": "squaredcos_cap_v2", "num_train_timesteps": 1000})
+            >>> s.num_train_steps
+            1000
+        """
+        cfg = _diffusers_mapping(config)
+        n = cfg.get("num_train_timesteps", 1000)
+        if isinstance(n, bool) or not isinstance(n, (int, np.integer)) or n < 2:
+            raise ValueError(f"`num_train_timesteps` must be an int >= 2, got {n!r} in the scheduler config.")
+        n = int(n)
+        rescale = cfg.get("rescale_betas_zero_snr", False)
+        if not isinstance(rescale, (bool, np.bool_)):
+            raise ValueError(f"`rescale_betas_zero_snr` must be True or False, got {rescale!r} in the scheduler config.")
+        trained = cfg.get("trained_betas", None)
+        if trained is not None:
+            betas = np.asarray(trained, dtype=np.float32)
+            if betas.ndim != 1 or betas.shape[0] < 2:
+                raise ValueError(f"`trained_betas` must be a list of at least 2 betas, got shape {betas.shape}.")
+            if "num_train_timesteps" in cfg and betas.shape[0] != n:
+                raise ValueError(
+                    f"`trained_betas` has {betas.shape[0]} entries but `num_train_timesteps` is {n}; "
+                    "make them agree (or drop `num_train_timesteps`)."
+                )
+            what = "`trained_betas`"
+        else:
+            schedule = cfg.get("beta_schedule", "linear")
+            if schedule not in DIFFUSERS_BETA_SCHEDULES:
+                raise ValueError(
+                    f"Unknown `beta_schedule={schedule!r}` in the scheduler config; supported: "
+                    f"{DIFFUSERS_BETA_SCHEDULES} (or `trained_betas`)."
+                )
+            start, end = cfg.get("beta_start", 0.0001), cfg.get("beta_end", 0.02)
+            for key, value in (("beta_start", start), ("beta_end", end)):
+                if isinstance(value, bool) or not isinstance(value, (int, float, np.integer, np.floating)):
+                    raise ValueError(f"`{key}` must be a number in (0, 1), got {value!r} in the scheduler config.")
+            betas = _diffusers_betas(schedule, float(start), float(end), n)
+            what = f"`beta_schedule={schedule!r}` with beta_start={start!r}, beta_end={end!r}"
+        try:
+            _check_table("betas", betas)
+        except ValueError as e:
+            raise ValueError(f"The scheduler config's {what} gives invalid betas: {e}") from None
+        # diffusers rounds 1 - beta to float32; PyTorch's CPU cumprod accumulates in float64
+        alphas = (np.float32(1.0) - betas).astype(np.float64)
+        with np.errstate(divide="ignore"):
+            if rescale:
+                root = np.sqrt(np.cumprod(alphas))
+                root = (root - root[-1]) * (root[0] / (root[0] - root[-1]))
+                log_alphas = np.log(root)
+            else:
+                log_alphas = 0.5 * np.cumsum(np.log(alphas))
+        if zero_snr_floor is not None:
+            if not isinstance(zero_snr_floor, (float, int)) or not 0.0 < zero_snr_floor < 1.0:
+                raise ValueError(f"`zero_snr_floor` must be a float in (0, 1) (diffusers uses 2**-24), got {zero_snr_floor!r}.")
+            if log_alphas[-1] == -np.inf:
+                log_alphas[-1] = 0.5 * np.log(float(zero_snr_floor))
+                if log_alphas[-1] > log_alphas[-2]:
+                    # diffusers applies its 2**-24 regardless (e.g. the rescaled linear 1e-4..0.02 table, whose
+                    # entry N-2 is 4.2e-9), which makes its table increase at the end and lambda non-invertible
+                    raise ValueError(
+                        f"`zero_snr_floor={zero_snr_floor!r}` exceeds the previous `alphas_cumprod` entry "
+                        f"{float(np.exp(2 * log_alphas[-2])):.3g}, so the table would not be monotone. Use "
+                        "`zero_snr_floor=None` (the exact zero is supported) or a floor below that entry."
+                    )
+        return cls(log_alphas=jnp.asarray(log_alphas, dtype=jnp.result_type(float)))
 
     @property
     def num_train_steps(self) -> int:
@@ -175,24 +324,47 @@ class VPDiscrete(_VP):
         t = jnp.arange(n + 1, dtype=self.log_alphas.dtype) / n
         return t, jnp.concatenate([jnp.zeros((1,), self.log_alphas.dtype), self.log_alphas])
 
-    def log_alpha(self, t):
+    def _segment(self, t):
+        """Segment index k (knots k, k + 1), fraction in it, its end values, and whether it ends at alpha = 0."""
         # knots are uniform in t (k / N), so the segment index is direct: no search in the sampling loop
         n = self.num_train_steps
         _, knots_la = self._knots()
-        u = jnp.clip(_float(t), 0.0, 1.0) * n
+        t = _float(t)
+        # not jnp.clip: its derivative is 1/2 at the ends, and t = 1 is where sampling starts
+        u = jnp.where(t < 0.0, 0.0, jnp.where(t > 1.0, 1.0, t)) * n
         k = jnp.clip(jnp.floor(u).astype(jnp.int32), 0, n - 1)
-        frac = u - k
-        return knots_la[k] + frac * (knots_la[k + 1] - knots_la[k])
+        lo, hi = knots_la[k], knots_la[k + 1]
+        to_zero = jnp.isneginf(hi)
+        # the zero segment's -inf end is replaced before any arithmetic, so no NaN reaches values or gradients
+        return u - k, lo, jnp.where(to_zero, lo, hi), to_zero
+
+    def log_alpha(self, t):
+        frac, lo, hi, to_zero = self._segment(t)
+        linear = lo + frac * (hi - lo)
+        inside = to_zero & (frac < 1.0)
+        tail = lo + jnp.log1p(-jnp.where(inside, frac, 0.0))
+        return jnp.where(to_zero, jnp.where(inside, tail, -jnp.inf), linear)
+
+    def alpha(self, t):
+        # direct on the zero segment, so d alpha/dt = -N alpha_{N-2} holds at t = 1 too (exp(-inf) would give 0)
+        frac, lo, hi, to_zero = self._segment(t)
+        return jnp.where(to_zero, (1.0 - frac) * jnp.exp(lo), jnp.exp(lo + frac * (hi - lo)))
 
     def t_of_lambda(self, lam):
         knots_t, knots_la = self._knots()
         log_alpha = self._log_alpha_of_lambda(_float(lam))
-        # exact inverse of the piecewise-linear map; log alpha decreases along the knots
-        desc = knots_la[::-1]
-        k = jnp.clip(jnp.searchsorted(desc, log_alpha, method="compare_all") - 1, 0, desc.shape[0] - 2)
-        lo, hi = desc[k], desc[k + 1]
-        t_lo, t_hi = knots_t[::-1][k], knots_t[::-1][k + 1]
-        return t_lo + (log_alpha - lo) / (hi - lo) * (t_hi - t_lo)
+        # exact inverse of the piecewise map; log alpha increases along the reversed knots
+        asc, asc_t = knots_la[::-1], knots_t[::-1]
+        k = jnp.clip(jnp.searchsorted(asc, log_alpha, method="compare_all") - 1, 0, asc.shape[0] - 2)
+        lo, hi = asc[k], asc[k + 1]
+        t_lo, t_hi = asc_t[k], asc_t[k + 1]
+        to_zero = jnp.isneginf(lo)  # the segment (t_{N-2}, 1] of a zero terminal SNR table
+        lo_safe = jnp.where(to_zero, hi - 1.0, lo)
+        la_safe = jnp.where(to_zero, hi, log_alpha)
+        linear = t_lo + (la_safe - lo_safe) / (hi - lo_safe) * (t_hi - t_lo)
+        # alpha = (1 - f) alpha_hi on that segment: f = 1 - alpha / alpha_hi
+        f = -jnp.expm1(jnp.where(to_zero, log_alpha, hi) - hi)
+        return jnp.where(to_zero, t_hi + f * (t_lo - t_hi), linear)
 
     def model_time(self, t):
         return self.num_train_steps * t - 1.0
@@ -207,6 +379,113 @@ class VPDiscrete(_VP):
     @property
     def t_max(self):
         return 1.0
+
+
+def _diffusers_mapping(config):
+    if isinstance(config, Mapping):
+        return config
+    inner = getattr(config, "config", None)
+    if isinstance(inner, Mapping):
+        return inner
+    raise TypeError(
+        f"`config` must be a diffusers scheduler config (a dict, as in scheduler_config.json) or an object with a "
+        f"`.config` mapping such as a diffusers scheduler; got {type(config).__name__}."
+    )
+
+
+def _torch_linspace_f32(start: float, stop: float, num: int) -> np.ndarray:
+    """``torch.linspace(start, stop, num, dtype=torch.float32)`` as PyTorch's CPU kernel computes it.
+
+    The step is a float32 quotient; the first half counts up from ``start``, the second half down from
+    ``stop``, each entry with one rounding (a fused multiply-add). This reproduces PyTorch bit for bit, where
+    NumPy's float64 linspace rounded to float32 differs in a third of the entries by one ulp.
+    """
+    a, b = np.float32(start), np.float32(stop)
+    step = np.float64(np.float32(np.float32(b - a) / np.float32(num - 1)))
+    k = np.arange(num, dtype=np.float64)
+    up = np.float64(a) + step * k
+    down = np.float64(b) - step * (num - 1 - k)
+    return np.where(k < num // 2, up, down).astype(np.float32)
+
+
+def _alpha_bar_betas(alpha_bar, num: int, max_beta: float = 0.999) -> np.ndarray:
+    """beta_i = min(1 - abar((i + 1)/N) / abar(i/N), max_beta) in float64, then float32 (diffusers' rule)."""
+    t = np.arange(num + 1, dtype=np.float64) / num
+    abar = alpha_bar(t)
+    return np.minimum(1.0 - abar[1:] / abar[:-1], max_beta).astype(np.float32)
+
+
+def _laplace_alpha_bar(t):
+    lam = -0.5 * np.copysign(1.0, 0.5 - t) * np.log(1.0 - 2.0 * np.abs(0.5 - t) + 1e-6)
+    snr = np.exp(lam)
+    return np.sqrt(snr / (1.0 + snr))
+
+
+def _diffusers_betas(schedule: str, start: float, end: float, num: int) -> np.ndarray:
+    """float32 betas of a diffusers ``beta_schedule``."""
+    if schedule == "linear":
+        return _torch_linspace_f32(start, end, num)
+    if schedule == "scaled_linear":
+        root = _torch_linspace_f32(start**0.5, end**0.5, num)
+        return root * root
+    if schedule == "squaredcos_cap_v2":
+        return _alpha_bar_betas(lambda t: np.cos((t + 0.008) / 1.008 * np.pi / 2) ** 2, num)
+    if schedule == "laplace":
+        return _alpha_bar_betas(_laplace_alpha_bar, num)
+    if schedule == "exp":
+        return _alpha_bar_betas(lambda t: np.exp(-12.0 * t), num)
+    # sigmoid: float32 logistic of a float32 grid, scaled and shifted in float32
+    x = _torch_linspace_f32(-6.0, 6.0, num).astype(np.float64)
+    s = (1.0 / (1.0 + np.exp(-x))).astype(np.float32)
+    return s * np.float32(end - start) + np.float32(start)
+
+
+def _concrete(x):
+    """``x`` as a NumPy array, or None when it is traced (checks are then skipped)."""
+    try:
+        return np.asarray(x)
+    except Exception:  # a tracer under jit/vmap/grad
+        return None
+
+
+def _check_table(name: str, table) -> None:
+    """Raise ValueError unless a concrete ``betas`` or ``alphas_cumprod`` table is a valid DDPM table."""
+    a = _concrete(table)
+    if a is None or not np.issubdtype(a.dtype, np.number):
+        return
+    a = a.astype(np.float64)
+    if name == "betas":
+        bad = np.flatnonzero(~((a > 0.0) & (a <= 1.0)))
+        if bad.size:
+            i = int(bad[0])
+            raise ValueError(
+                f"`betas` must lie in (0, 1]; got betas[{i}] = {float(a[i])!r} ({bad.size} entries out of range). "
+                "Pass the per-step noise variances beta_n = 1 - alphas_cumprod[n] / alphas_cumprod[n-1]."
+            )
+        ones = np.flatnonzero(a[:-1] == 1.0)
+        if ones.size:
+            raise ValueError(
+                f"Only the last beta may be 1 (a zero terminal SNR); got betas[{int(ones[0])}] = 1 of {a.size}. "
+                "alphas_cumprod must stay positive before the last entry."
+            )
+        return
+    bad = np.flatnonzero(~((a >= 0.0) & (a <= 1.0)))
+    if bad.size:
+        i = int(bad[0])
+        raise ValueError(f"`alphas_cumprod` must lie in [0, 1]; got alphas_cumprod[{i}] = {float(a[i])!r}.")
+    up = np.flatnonzero(np.diff(a) > 0)
+    if up.size:
+        i = int(up[0])
+        raise ValueError(
+            f"`alphas_cumprod` must be non-increasing; got alphas_cumprod[{i}] = {float(a[i])!r} < "
+            f"alphas_cumprod[{i + 1}] = {float(a[i + 1])!r}. Pass the cumulative products of (1 - beta)."
+        )
+    zeros = np.flatnonzero(a[:-1] == 0.0)
+    if zeros.size:
+        raise ValueError(
+            f"Only the last `alphas_cumprod` entry may be 0 (a zero terminal SNR); got alphas_cumprod[{int(zeros[0])}] = 0 "
+            f"of {a.size}."
+        )
 
 
 class VE(Schedule):
