@@ -21,6 +21,7 @@ The conversion is mechanical because ``UNet2D``'s parameter tree mirrors the sta
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import re
@@ -84,6 +85,7 @@ def _torch_shape(leaf_name: str, shape: tuple[int, ...]) -> tuple[int, ...]:
     return tuple(_to_torch_layout(leaf_name, np.empty(shape, np.int8)).shape)
 
 
+@functools.lru_cache(maxsize=16)  # the config is hashable; loading float32 and float64 copies traces once
 def _expected(config: UNet2DConfig) -> dict[str, tuple[tuple[str, ...], tuple[int, ...]]]:
     """torch key -> (flax path, torch-layout shape), from ``jax.eval_shape`` (no weights materialized)."""
     shapes = jax.eval_shape(lambda: UNet2D(config).init(jax.random.key(0), *_example_inputs(config)))["params"]

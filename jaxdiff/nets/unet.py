@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import warnings
 from collections.abc import Mapping
 from typing import Any, Callable
 
@@ -169,6 +170,9 @@ class UNet2DConfig:
     def from_diffusers(cls, d: Mapping[str, Any]) -> "UNet2DConfig":
         """The config of a diffusers ``UNet2DModel`` ``config.json`` dict (keys starting with ``_`` ignored).
 
+        Warns when ``attention_head_dim`` is absent from a config with attention: diffusers then uses 8
+        (C // 8 heads), while the DDPM checkpoints were trained with one head (their configs say null).
+
         Raises:
             ValueError: for a config of another model class, an unknown key, or an unsupported value.
         """
@@ -187,7 +191,15 @@ class UNet2DConfig:
                 f"Unknown UNet2DModel config field(s) {unknown}; the known fields are {sorted(known)}. "
                 "Remove them, or check that this is a UNet2DModel config."
             )
-        return cls(**{k: v for k, v in d.items() if not k.startswith("_")})
+        config = cls(**{k: v for k, v in d.items() if not k.startswith("_")})
+        if "attention_head_dim" not in d and any(True for _ in config._attentions()):
+            warnings.warn(
+                "This config.json has no `attention_head_dim`; using diffusers' default 8 (C // 8 attention heads), "
+                "as diffusers does. The original DDPM checkpoints (google/ddpm-*) have ONE head per attention: "
+                "add `\"attention_head_dim\": null` if the weights are one of those.",
+                stacklevel=2,
+            )
+        return config
 
     def to_diffusers(self) -> dict[str, Any]:
         """The ``config.json`` dict that diffusers' ``UNet2DModel.from_config`` accepts (JSON types)."""

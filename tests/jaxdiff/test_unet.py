@@ -194,6 +194,12 @@ def test_unsupported_or_inconsistent_configs_are_clear_errors(change, match):
         dataclasses.replace(TINY, **change)
 
 
+def test_a_config_without_attention_head_dim_warns_that_ddpm_checkpoints_need_one_head():
+    legacy = {k: v for k, v in DDPM_CIFAR10.items() if k != "attention_head_dim"}
+    with pytest.warns(UserWarning, match=r"no `attention_head_dim`; using diffusers' default 8 \(C // 8 attention heads\)"):
+        assert UNet2DConfig.from_diffusers(legacy).attention_head_dim == 8
+
+
 def test_from_diffusers_rejects_unknown_fields_and_other_model_classes():
     with pytest.raises(ValueError, match=r"Unknown UNet2DModel config field\(s\) \['cross_attention_dim'\]; the known fields are"):
         UNet2DConfig.from_diffusers(dict(DDPM_CIFAR10, cross_attention_dim=768))
@@ -329,6 +335,21 @@ def test_class_labels_enter_through_the_embedding_table():
     np.testing.assert_array_equal(np.asarray(fn(x, t, (v2, jnp.array([0, 2])))), np.asarray(fn(x, t, (v2, jnp.array([0, 0])))))
     np.testing.assert_array_equal(np.asarray(fn(x, t, (v2, jnp.array([0, 0]))))[0], out[0])
     assert np.max(np.abs(out[1] - np.asarray(fn(x, t, (v2, jnp.array([0, 2]))))[1])) > 1e-3
+
+
+def test_classifier_free_guidance_over_the_labels():
+    """jd.CFG runs the (variables, labels) and (variables, null labels) branches as one vmapped call."""
+    v = random_variables(TINY_CLASS, seed=1)
+    x = jnp.asarray(np.random.default_rng(7).standard_normal((2, 8, 8, 3)), jnp.float32)
+    schedule = jd.VPDiscrete(jnp.linspace(1e-4, 0.02, 1000))
+    fn = unet_fn(UNet2D(TINY_CLASS))
+    den = jd.Denoiser(fn, schedule, "epsilon", guidance=jd.CFG(3.0))
+    labels, null = jnp.array([1, 0]), jnp.array([2, 2])
+    t = jnp.asarray(0.4)
+    guided = jax.jit(lambda x, v: den.raw(x, t, ((v, labels), (v, null))))(x, v)
+    direct = jax.jit(lambda x, v, y: fn(x, schedule.model_time(t), (v, y)))
+    cond, uncond = direct(x, v, labels), direct(x, v, null)
+    np.testing.assert_allclose(np.asarray(guided), np.asarray(uncond + 3.0 * (cond - uncond)), rtol=1e-5, atol=1e-5)
 
 
 def test_call_time_errors_name_the_expected_shape(tiny):
