@@ -8,6 +8,7 @@
 
 from jaxdiff import smc, testing
 from jaxdiff import hub, nets
+from jaxdiff import metrics, pretrained
 from jaxdiff.hub import load_diffusers, save_diffusers
 from jaxdiff.adjoint import AdjointDPM, Backprop
 from jaxdiff.models import CFG, PREDICTIONS, Denoiser, DynamicThreshold

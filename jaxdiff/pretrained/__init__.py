@@ -1,0 +1,17 @@
+"""Small data and models shipped inside jaxdiff (nothing is downloaded).
+
+- ``digits_data(split)``: the 8x8 handwritten digits (1797 images, 10 classes) with a fixed
+  stratified train/test split, as float32 NHWC images in [-1, 1] (``jaxdiff.pretrained.data``).
+- ``digits_classifier()``: a small CNN trained on the "train" split, a ``jaxdiff.metrics.Classifier``
+  whose 64-d features serve the Frechet distance (``jaxdiff.pretrained.classifier``).
+
+Example:
+    >>> x, y = jd.pretrained.digits_data("test")
+    >>> float(jd.metrics.class_accuracy(jd.pretrained.digits_classifier(), x, y)) >= 0.97
+    True
+"""
+
+from jaxdiff.pretrained.classifier import DigitsCNN, digits_classifier
+from jaxdiff.pretrained.data import DIGITS_SHAPE, NUM_CLASSES, digits_data
+
+__all__ = ["DIGITS_SHAPE", "NUM_CLASSES", "digits_data", "digits_classifier", "DigitsCNN"]
