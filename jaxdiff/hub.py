@@ -188,8 +188,9 @@ def state_dict_from_params(variables: Mapping[str, Any]) -> dict[str, np.ndarray
         ``{torch name: C-contiguous np.ndarray}``.
     """
     if not isinstance(variables, Mapping) or "params" not in variables:
+        keys = f" with keys {list(variables)}" if isinstance(variables, Mapping) else ""
         raise ValueError("`variables` must be the flax variables dict `{'params': ...}` of a `UNet2D`; got "
-                         f"{type(variables).__name__}{' with keys ' + str(list(variables)) if isinstance(variables, Mapping) else ''}.")
+                         f"{type(variables).__name__}{keys}.")
     out = {}
     for path, leaf in traverse_util.flatten_dict(variables["params"]).items():
         out[_torch_key(path)] = np.ascontiguousarray(_to_torch_layout(path[-1], np.asarray(leaf)))
@@ -271,7 +272,8 @@ def _load_weights(model_dir: Path, variant: str | None) -> dict[str, np.ndarray]
             f"{model_dir} has only PyTorch pickle weights ({', '.join(bins)}); reading them needs torch to "
             "unpickle. Convert them once to safetensors where torch is installed, e.g.\n"
             "    from diffusers import UNet2DModel\n"
-            f"    UNet2DModel.from_pretrained({str(model_dir)!r}).save_pretrained({str(model_dir)!r}, safe_serialization=True)"
+            f"    UNet2DModel.from_pretrained({str(model_dir)!r}).save_pretrained(\n"
+            f"        {str(model_dir)!r}, safe_serialization=True)"
         )
     found = sorted(p.name for p in model_dir.glob("*.safetensors"))
     raise FileNotFoundError(
@@ -336,7 +338,8 @@ def load_diffusers(
 
     Example:
         >>> den, variables = load_diffusers("ddpm-cifar10-32")  # doctest: +SKIP
-        >>> x0 = jd.sample(den, x_T, jd.timesteps(den.schedule, 10, "trailing"), jd.UniPC(), args=variables)  # doctest: +SKIP
+        >>> ts = jd.timesteps(den.schedule, 10, "trailing")  # doctest: +SKIP
+        >>> x0 = jd.sample(den, x_T, ts, jd.UniPC(), args=variables)  # doctest: +SKIP
     """
     dtype = jnp.float32 if dtype is None else dtype
     model_dir = _model_dir(_resolve(path))
@@ -355,7 +358,9 @@ def load_diffusers(
     return Denoiser(unet_fn(UNet2D(config, dtype), layout), schedule, prediction), variables
 
 
-def save_diffusers(path, config: UNet2DConfig, variables: Mapping[str, Any], scheduler_config: Mapping[str, Any]) -> Path:
+def save_diffusers(
+    path, config: UNet2DConfig, variables: Mapping[str, Any], scheduler_config: Mapping[str, Any]
+) -> Path:
     """Write a folder that diffusers' ``UNet2DModel.from_pretrained`` and ``DDPMScheduler.from_pretrained`` load.
 
     Files: ``config.json`` (``config.to_diffusers()``), ``diffusion_pytorch_model.safetensors``

@@ -157,7 +157,8 @@ class UNet2DConfig:
             if isinstance(value, (list, tuple)):
                 object.__setattr__(self, name, tuple(value))
             else:
-                raise ValueError(f"`{name}` must be a sequence, got {value!r}; pass e.g. {getattr(type(self), name)!r}.")
+                default = getattr(type(self), name)
+                raise ValueError(f"`{name}` must be a sequence, got {value!r}; pass e.g. {default!r}.")
         if isinstance(self.sample_size, (list, tuple)):
             object.__setattr__(self, "sample_size", tuple(self.sample_size))
         self._check_values()
@@ -264,7 +265,8 @@ class UNet2DConfig:
                 raise ValueError(f"`{name}` must be a positive int{' or None' if name in optional_positive else ''}, "
                                  f"got {value!r}.")
         if not self.block_out_channels or not all(_is_int(c) and c > 0 for c in self.block_out_channels):
-            raise ValueError(f"`block_out_channels` must be a non-empty sequence of positive ints, got {self.block_out_channels!r}.")
+            raise ValueError("`block_out_channels` must be a non-empty sequence of positive ints, "
+                             f"got {self.block_out_channels!r}.")
         if not _is_int(self.downsample_padding) or self.downsample_padding < 0:
             raise ValueError(f"`downsample_padding` must be an int >= 0, got {self.downsample_padding!r}.")
         if not _is_number(self.norm_eps) or not self.norm_eps > 0:
@@ -381,7 +383,8 @@ def timestep_embedding(t, dim: int, *, flip_sin_to_cos: bool = False, freq_shift
     half = dim // 2
     freqs = jnp.exp(-math.log(10000.0) * jnp.arange(half, dtype=dtype) / (half - freq_shift))
     angles = jnp.asarray(t, dtype)[:, None] * freqs[None, :]
-    emb = jnp.concatenate([jnp.cos(angles), jnp.sin(angles)] if flip_sin_to_cos else [jnp.sin(angles), jnp.cos(angles)], -1)
+    parts = [jnp.cos(angles), jnp.sin(angles)] if flip_sin_to_cos else [jnp.sin(angles), jnp.cos(angles)]
+    emb = jnp.concatenate(parts, axis=-1)
     if dim % 2:
         emb = jnp.pad(emb, ((0, 0), (0, 1)))
     return emb
@@ -707,7 +710,8 @@ class UNet2D(nn.Module):
                              "(or `unet_fn(module, layout='NCHW')` for PyTorch-layout inputs).")
         if x.shape[-1] != cfg.in_channels:
             raise ValueError(f"`x` must have shape {expected}; got shape {x.shape} ({x.shape[-1]} channels). "
-                             "Inputs are channels-last: transpose NCHW inputs, or use `unet_fn(module, layout='NCHW')`.")
+                             "Inputs are channels-last: transpose NCHW inputs, or use "
+                             "`unet_fn(module, layout='NCHW')`.")
         m = cfg.size_multiple
         if x.shape[1] % m or x.shape[2] % m:
             raise ValueError(

@@ -37,16 +37,19 @@ PARITY = {
     "ddpm_cifar": dict(sample_size=16, block_out_channels=(8, 16, 16, 16), norm_num_groups=4,
                        down_block_types=("DownBlock2D", "AttnDownBlock2D", "DownBlock2D", "DownBlock2D"),
                        up_block_types=("UpBlock2D", "UpBlock2D", "AttnUpBlock2D", "UpBlock2D"),
-                       attention_head_dim=None, downsample_padding=0, freq_shift=1, flip_sin_to_cos=False, norm_eps=1e-6),
+                       attention_head_dim=None, downsample_padding=0, freq_shift=1, flip_sin_to_cos=False,
+                       norm_eps=1e-6),
     # (b) DDPM LSUN church / CelebA-HQ 256: six levels, attention at the fifth, down to 1 x 1
-    "ddpm_church": dict(sample_size=32, block_out_channels=(8, 8, 16, 16, 32, 32), norm_num_groups=4, layers_per_block=1,
+    "ddpm_church": dict(sample_size=32, block_out_channels=(8, 8, 16, 16, 32, 32), norm_num_groups=4,
+                        layers_per_block=1,
                         down_block_types=("DownBlock2D",) * 4 + ("AttnDownBlock2D", "DownBlock2D"),
                         up_block_types=("UpBlock2D", "AttnUpBlock2D") + ("UpBlock2D",) * 4,
-                        attention_head_dim=None, downsample_padding=0, freq_shift=1, flip_sin_to_cos=False, norm_eps=1e-6),
+                        attention_head_dim=None, downsample_padding=0, freq_shift=1, flip_sin_to_cos=False,
+                        norm_eps=1e-6),
     # (c) class embedding with diffusers' defaults otherwise (C // 8 heads, padding 1, flip, shift 0),
     # scale-shift resnets (so the mid attention has no GroupNorm)
-    "class_scale_shift": dict(sample_size=16, block_out_channels=(16, 16, 32, 32), norm_num_groups=8, layers_per_block=1,
-                              num_class_embeds=5, resnet_time_scale_shift="scale_shift"),
+    "class_scale_shift": dict(sample_size=16, block_out_channels=(16, 16, 32, 32), norm_num_groups=8,
+                              layers_per_block=1, num_class_embeds=5, resnet_time_scale_shift="scale_shift"),
     # (d) NCSN++-style conversion options: Fourier embedding of log sigma (output / sigma), centred
     # input, "timestep" class embedding, GELU, mid-block scale, attention GroupNorm groups, a head
     # size that does not divide the channels (inner dim 8 of 12), explicit time embedding width
@@ -58,7 +61,8 @@ PARITY = {
                          attention_head_dim=8),
     # (e) "identity" class embedding (labels are embeddings), Mish, no mid block
     "identity_no_mid": dict(sample_size=8, block_out_channels=(8, 16), norm_num_groups=4, layers_per_block=1,
-                            down_block_types=("DownBlock2D", "AttnDownBlock2D"), up_block_types=("AttnUpBlock2D", "UpBlock2D"),
+                            down_block_types=("DownBlock2D", "AttnDownBlock2D"),
+                            up_block_types=("AttnUpBlock2D", "UpBlock2D"),
                             class_embed_type="identity", act_fn="mish", mid_block_type=None, attention_head_dim=4),
 }
 
@@ -107,7 +111,8 @@ def _float64_timesteps(proj):
     class Timesteps64(torch.nn.Module):
         def forward(self, t):
             half = proj.num_channels // 2
-            freqs = torch.exp(-math.log(10000.0) * torch.arange(half, dtype=torch.float64) / (half - proj.downscale_freq_shift))
+            steps = torch.arange(half, dtype=torch.float64) / (half - proj.downscale_freq_shift)
+            freqs = torch.exp(-math.log(10000.0) * steps)
             angles = t.double()[:, None] * freqs[None, :]
             emb = torch.cat([torch.sin(angles), torch.cos(angles)], dim=-1)
             if proj.flip_sin_to_cos:
@@ -250,7 +255,8 @@ def test_save_load_round_trip_is_bit_exact(tmp_path):
     assert sd["time_embedding.linear_1.weight"].shape == (32, 8)  # (out, in)
     np.testing.assert_array_equal(sd["time_embedding.linear_1.weight"],
                                   np.asarray(variables["params"]["time_embedding"]["linear_1"]["kernel"]).T)
-    np.testing.assert_array_equal(sd["class_embedding.weight"], np.asarray(variables["params"]["class_embedding"]["embedding"]))
+    np.testing.assert_array_equal(sd["class_embedding.weight"],
+                                  np.asarray(variables["params"]["class_embedding"]["embedding"]))
     np.testing.assert_array_equal(sd["conv_norm_out.weight"], np.asarray(variables["params"]["conv_norm_out"]["scale"]))
 
 
@@ -267,7 +273,8 @@ def test_legacy_attention_names_load_to_the_same_params():
     assert sum(k != k2 for k, k2 in zip(sorted(sd), sorted(legacy))) > 0
     _assert_trees_equal(params_from_state_dict(TINY, legacy), variables)
     both = dict(legacy, **{"mid_block.attentions.0.to_q.weight": sd["mid_block.attentions.0.to_q.weight"]})
-    with pytest.raises(ValueError, match=r"gives `mid_block.attentions.0.to_q.weight` twice: as `mid_block.attentions.0.(query|to_q).weight`"):
+    with pytest.raises(ValueError, match=r"gives `mid_block.attentions.0.to_q.weight` twice: "
+                                         r"as `mid_block.attentions.0.(query|to_q).weight`"):
         params_from_state_dict(TINY, both)
 
 
@@ -287,7 +294,8 @@ def test_pipeline_folder_variants_and_shards(tmp_path):
         safetensors.numpy.save_file({k: v.astype(dtype) for k, v in sd.items()},
                                     str(unet / f"diffusion_pytorch_model.{variant}.safetensors"))
         _, loaded = jd.load_diffusers(tmp_path / "pipe", variant=variant)
-        _assert_trees_equal(loaded, jax.tree.map(lambda a: jnp.asarray(np.asarray(a).astype(dtype).astype(np.float32)), variables))
+        rounded = jax.tree.map(lambda a: jnp.asarray(np.asarray(a).astype(dtype).astype(np.float32)), variables)
+        _assert_trees_equal(loaded, rounded)
 
     (unet / "diffusion_pytorch_model.safetensors").unlink()
     keys = sorted(sd)
@@ -312,9 +320,11 @@ def test_state_dict_mismatches_are_named():
     msg = str(err.value)
     assert "1 missing key(s): mid_block.resnets.1.conv2.bias" in msg
     assert "1 unexpected key(s): mid_block.resnets.1.extra.weight" in msg
-    assert "1 key(s) with the wrong shape (PyTorch layout): conv_in.weight (expected (8, 3, 3, 3), got (8, 3, 5, 5))" in msg
+    assert ("1 key(s) with the wrong shape (PyTorch layout): "
+            "conv_in.weight (expected (8, 3, 3, 3), got (8, 3, 5, 5))") in msg
     # nothing matches: the count, and at most 10 of the names
-    with pytest.raises(ValueError, match=rf"{len(sd)} missing key\(s\): ([^,]+, ){{9}}[^,]+, \.\.\. \({len(sd) - 10} more\)"):
+    with pytest.raises(ValueError, match=rf"{len(sd)} missing key\(s\): ([^,]+, ){{9}}[^,]+, "
+                                         rf"\.\.\. \({len(sd) - 10} more\)"):
         params_from_state_dict(TINY, {})
 
 
@@ -332,15 +342,17 @@ def test_loading_errors_say_what_to_do(tmp_path, monkeypatch):
     den, _ = jd.load_diffusers(folder, schedule=schedule)
     assert den.prediction == "epsilon" and den.schedule is schedule  # diffusers' default prediction type
     (folder / "diffusion_pytorch_model.safetensors").rename(folder / "diffusion_pytorch_model.bin")
-    with pytest.raises(ValueError, match=r"(?s)only PyTorch pickle weights \(diffusion_pytorch_model.bin\); reading them needs "
-                                         r"torch to unpickle\. Convert them once to safetensors.*save_pretrained"):
+    with pytest.raises(ValueError, match=r"(?s)only PyTorch pickle weights \(diffusion_pytorch_model.bin\); "
+                                         r"reading them needs torch to unpickle\. "
+                                         r"Convert them once to safetensors.*save_pretrained"):
         jd.load_diffusers(folder, schedule=schedule)
     with pytest.raises(FileNotFoundError, match=r"No config.json in .* or .*unet"):
         jd.load_diffusers(tmp_path, schedule=schedule)
     monkeypatch.setitem(sys.modules, "huggingface_hub", None)  # no Hub fallback: no network in tests
     with pytest.raises(FileNotFoundError, match=r"`path='.*does-not-exist'` does not exist.*install huggingface_hub"):
         jd.load_diffusers(tmp_path / "does-not-exist")
-    with pytest.raises(ValueError, match=r"`variables` must be the flax variables dict `\{'params': \.\.\.\}` of a `UNet2D`"):
+    with pytest.raises(ValueError, match=r"`variables` must be the flax variables dict "
+                                         r"`\{'params': \.\.\.\}` of a `UNet2D`"):
         jd.save_diffusers(tmp_path / "x", TINY, variables["params"], SCHEDULER)
     with pytest.raises(ValueError, match=r"missing key\(s\): class_embedding.weight"):
         jd.save_diffusers(tmp_path / "x", TINY_CLASS, variables, SCHEDULER)

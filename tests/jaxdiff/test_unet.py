@@ -20,7 +20,15 @@ import pytest
 
 import jaxdiff as jd
 from jaxdiff.nets import UNet2D, UNet2DConfig, unet_fn
-from jaxdiff.nets.unet import SUPPORTED, _Attention, _Downsample, _example_inputs, _group_norm, _Upsample, timestep_embedding
+from jaxdiff.nets.unet import (
+    SUPPORTED,
+    _Attention,
+    _Downsample,
+    _example_inputs,
+    _group_norm,
+    _Upsample,
+    timestep_embedding,
+)
 
 # google/ddpm-cifar10-32's config.json and the DDPM 256-px one (reference notes, part A §1.1).
 DDPM_CIFAR10 = {
@@ -167,7 +175,8 @@ def test_config_round_trips_through_the_diffusers_dict():
          r"`down_block_types\[1\]='CrossAttnDownBlock2D'` is not supported; supported block types: "
          r"\['DownBlock2D', 'AttnDownBlock2D'\]"),
         (dict(up_block_types=("AttnSkipUpBlock2D", "UpBlock2D")),
-         r"`up_block_types\[0\]='AttnSkipUpBlock2D'` is not supported; supported block types: \['UpBlock2D', 'AttnUpBlock2D'\]"),
+         r"`up_block_types\[0\]='AttnSkipUpBlock2D'` is not supported; "
+         r"supported block types: \['UpBlock2D', 'AttnUpBlock2D'\]"),
         (dict(mid_block_type="UNetMidBlock2DCrossAttn"),
          r"`mid_block_type='UNetMidBlock2DCrossAttn'` is not supported; supported values: \['UNetMidBlock2D', None\]"),
         (dict(downsample_type="resnet"), r"`downsample_type='resnet'` is not supported; supported values: \['conv'\]"),
@@ -181,10 +190,12 @@ def test_config_round_trips_through_the_diffusers_dict():
         (dict(up_block_types=("UpBlock2D",)),
          r"`down_block_types` \(2\), `up_block_types` \(1\) and `block_out_channels` \(2\) must have the same length"),
         (dict(norm_num_groups=3),
-         r"down_blocks.0.resnets.0.norm1 normalizes 8 channels, which `norm_num_groups`/`attn_norm_num_groups`=3 does not divide"),
+         r"down_blocks.0.resnets.0.norm1 normalizes 8 channels, "
+         r"which `norm_num_groups`/`attn_norm_num_groups`=3 does not divide"),
         (dict(block_out_channels=(8, 12), norm_num_groups=8),
          r"down_blocks.1.resnets.0.norm2 normalizes 12 channels, which .*=8 does not divide"),
-        (dict(attention_head_dim=32), r"down_blocks.1 \(AttnDownBlock2D\) has 16 channels, fewer than `attention_head_dim=32`"),
+        (dict(attention_head_dim=32),
+         r"down_blocks.1 \(AttnDownBlock2D\) has 16 channels, fewer than `attention_head_dim=32`"),
         (dict(layers_per_block=0), r"`layers_per_block` must be a positive int, got 0"),
         (dict(block_out_channels=[8, "16"]), r"`block_out_channels` must be a non-empty sequence of positive ints"),
     ],
@@ -196,12 +207,14 @@ def test_unsupported_or_inconsistent_configs_are_clear_errors(change, match):
 
 def test_a_config_without_attention_head_dim_warns_that_ddpm_checkpoints_need_one_head():
     legacy = {k: v for k, v in DDPM_CIFAR10.items() if k != "attention_head_dim"}
-    with pytest.warns(UserWarning, match=r"no `attention_head_dim`; using diffusers' default 8 \(C // 8 attention heads\)"):
+    msg = r"no `attention_head_dim`; using diffusers' default 8 \(C // 8 attention heads\)"
+    with pytest.warns(UserWarning, match=msg):
         assert UNet2DConfig.from_diffusers(legacy).attention_head_dim == 8
 
 
 def test_from_diffusers_rejects_unknown_fields_and_other_model_classes():
-    with pytest.raises(ValueError, match=r"Unknown UNet2DModel config field\(s\) \['cross_attention_dim'\]; the known fields are"):
+    msg = r"Unknown UNet2DModel config field\(s\) \['cross_attention_dim'\]; the known fields are"
+    with pytest.raises(ValueError, match=msg):
         UNet2DConfig.from_diffusers(dict(DDPM_CIFAR10, cross_attention_dim=768))
     with pytest.raises(ValueError, match=r"This config is a diffusers `UNet2DConditionModel`; only `UNet2DModel`"):
         UNet2DConfig.from_diffusers(dict(DDPM_CIFAR10, _class_name="UNet2DConditionModel"))
@@ -251,8 +264,8 @@ def test_group_norm_is_two_pass_in_float32():
     x = (1e4 + rng.standard_normal((2, 4, 4, 8))).astype(np.float32)
     scale, bias = rng.standard_normal(8), rng.standard_normal(8)
     gn = _group_norm(2, 1e-6, jnp.float32, "gn")
-    out = np.asarray(gn.apply({"params": {"scale": jnp.asarray(scale, jnp.float32), "bias": jnp.asarray(bias, jnp.float32)}},
-                              jnp.asarray(x)))
+    params = {"scale": jnp.asarray(scale, jnp.float32), "bias": jnp.asarray(bias, jnp.float32)}
+    out = np.asarray(gn.apply({"params": params}, jnp.asarray(x)))
     xg = x.astype(np.float64).reshape(2, 16, 2, 4)
     mean = xg.mean(axis=(1, 3), keepdims=True)
     var = ((xg - mean) ** 2).mean(axis=(1, 3), keepdims=True)
@@ -266,10 +279,12 @@ def test_attention_matches_a_hand_written_softmax():
     x = rng.standard_normal((b, h, w, c))
     p = {name: {"kernel": jnp.asarray(rng.standard_normal((c, c)) / 3), "bias": jnp.asarray(rng.standard_normal(c))}
          for name in ("to_q", "to_k", "to_v", "to_out_0")}
-    p["group_norm"] = {"scale": jnp.asarray(1 + 0.1 * rng.standard_normal(c)), "bias": jnp.asarray(0.1 * rng.standard_normal(c))}
+    p["group_norm"] = {"scale": jnp.asarray(1 + 0.1 * rng.standard_normal(c)),
+                       "bias": jnp.asarray(0.1 * rng.standard_normal(c))}
     out = np.asarray(_Attention(heads, c // heads, 4, 1e-6, 2.0, jnp.float64).apply({"params": p}, jnp.asarray(x)))
     xg = x.reshape(b, h * w, 4, 2)
-    normed = ((xg - xg.mean((1, 3), keepdims=True)) / np.sqrt(xg.var((1, 3), keepdims=True) + 1e-6)).reshape(b, h * w, c)
+    normed = (xg - xg.mean((1, 3), keepdims=True)) / np.sqrt(xg.var((1, 3), keepdims=True) + 1e-6)
+    normed = normed.reshape(b, h * w, c)
     normed = normed * np.asarray(p["group_norm"]["scale"]) + np.asarray(p["group_norm"]["bias"])
     q, k, v = (normed @ np.asarray(p[n]["kernel"]) + np.asarray(p[n]["bias"]) for n in ("to_q", "to_k", "to_v"))
     ref = np.zeros((b, h * w, c))
@@ -278,7 +293,8 @@ def test_attention_matches_a_hand_written_softmax():
         logits = q[..., sl] @ np.swapaxes(k[..., sl], 1, 2) / 2.0  # dim_head 4: scale 1/2
         weights = np.exp(logits - logits.max(-1, keepdims=True))
         ref[..., sl] = (weights / weights.sum(-1, keepdims=True)) @ v[..., sl]
-    ref = ((ref @ np.asarray(p["to_out_0"]["kernel"]) + np.asarray(p["to_out_0"]["bias"])).reshape(b, h, w, c) + x) / 2.0
+    ref = ref @ np.asarray(p["to_out_0"]["kernel"]) + np.asarray(p["to_out_0"]["bias"])
+    ref = (ref.reshape(b, h, w, c) + x) / 2.0  # residual, then rescale_output_factor
     np.testing.assert_allclose(out, ref, rtol=1e-12, atol=1e-12)
 
 
@@ -332,7 +348,8 @@ def test_class_labels_enter_through_the_embedding_table():
     out = np.asarray(fn(x, t, (v, jnp.array([0, 2]))))
     emb = v["params"]["class_embedding"]["embedding"]
     v2 = {"params": dict(v["params"], class_embedding={"embedding": emb.at[2].set(emb[0])})}
-    np.testing.assert_array_equal(np.asarray(fn(x, t, (v2, jnp.array([0, 2])))), np.asarray(fn(x, t, (v2, jnp.array([0, 0])))))
+    same = np.asarray(fn(x, t, (v2, jnp.array([0, 0]))))
+    np.testing.assert_array_equal(np.asarray(fn(x, t, (v2, jnp.array([0, 2])))), same)
     np.testing.assert_array_equal(np.asarray(fn(x, t, (v2, jnp.array([0, 0]))))[0], out[0])
     assert np.max(np.abs(out[1] - np.asarray(fn(x, t, (v2, jnp.array([0, 2]))))[1])) > 1e-3
 
@@ -354,28 +371,35 @@ def test_classifier_free_guidance_over_the_labels():
 
 def test_call_time_errors_name_the_expected_shape(tiny):
     net, v, x, t = tiny
-    with pytest.raises(ValueError, match=r"`x` must have shape \(batch, height, width, 3\) \(NHWC\); got shape \(8, 8, 3\)"):
+    with pytest.raises(ValueError, match=r"`x` must have shape \(batch, height, width, 3\) \(NHWC\); "
+                                         r"got shape \(8, 8, 3\)"):
         net.apply(v, x[0], t[0])
     with pytest.raises(ValueError, match=r"got shape \(2, 3, 8, 8\) \(8 channels\)\. Inputs are channels-last"):
         net.apply(v, jnp.transpose(x, (0, 3, 1, 2)), t)
-    with pytest.raises(ValueError, match=r"`x` has height x width 7 x 8; both must be multiples of 2 = 2\*\*\(number of down blocks - 1\)"):
+    with pytest.raises(ValueError, match=r"`x` has height x width 7 x 8; both must be multiples of 2 = "
+                                         r"2\*\*\(number of down blocks - 1\)"):
         net.apply(v, jnp.zeros((2, 7, 8, 3)), t)
-    with pytest.raises(ValueError, match=r"must be a scalar or of shape \(2,\) \(one time per batch element\); got shape \(3,\)"):
+    with pytest.raises(ValueError, match=r"must be a scalar or of shape \(2,\) \(one time per batch element\); "
+                                         r"got shape \(3,\)"):
         net.apply(v, x, jnp.ones(3))
     with pytest.raises(ValueError, match=r"`class_labels` were given, but this model has no class embedding"):
         net.apply(v, x, t, jnp.array([0, 1]))
     vc = random_variables(TINY_CLASS)
     with pytest.raises(ValueError, match=r"This model is class-conditional; pass `class_labels` as \(2,\) labels"):
         UNet2D(TINY_CLASS).apply(vc, x, t)
-    with pytest.raises(ValueError, match=r"`class_labels` must have shape \(2,\) for `x` of shape \(2, 8, 8, 3\); got shape \(2, 1\)"):
+    with pytest.raises(ValueError, match=r"`class_labels` must have shape \(2,\) for `x` of shape \(2, 8, 8, 3\); "
+                                         r"got shape \(2, 1\)"):
         UNet2D(TINY_CLASS).apply(vc, x, t, jnp.zeros((2, 1), jnp.int32))
     with pytest.raises(TypeError, match=r"`class_labels` must be integers in \[0, 3\); got dtype float"):
         UNet2D(TINY_CLASS).apply(vc, x, t, jnp.zeros((2,)))
-    with pytest.raises(ValueError, match=r"class-conditional: `args` must be the pair `\(variables, class_labels\)`; got dict"):
+    with pytest.raises(ValueError, match=r"class-conditional: `args` must be the pair "
+                                         r"`\(variables, class_labels\)`; got dict"):
         unet_fn(UNet2D(TINY_CLASS))(x, t, vc)
-    with pytest.raises(ValueError, match=r"unconditional: `args` must be the flax variables dict `\{'params': \.\.\.\}`; got tuple"):
+    with pytest.raises(ValueError, match=r"unconditional: `args` must be the flax variables dict "
+                                         r"`\{'params': \.\.\.\}`; got tuple"):
         unet_fn(net)(x, t, (v, jnp.array([0, 1])))
-    with pytest.raises(ValueError, match=r"With `layout='NCHW'`, `x` must have shape \(batch, 3, height, width\); got shape \(2, 8, 8, 3\)"):
+    with pytest.raises(ValueError, match=r"With `layout='NCHW'`, `x` must have shape \(batch, 3, height, width\); "
+                                         r"got shape \(2, 8, 8, 3\)"):
         unet_fn(net, "NCHW")(x, t, v)
     with pytest.raises(ValueError, match=r"Unknown `layout='HWC'`; expected one of \('NHWC', 'NCHW'\)"):
         unet_fn(net, "HWC")
