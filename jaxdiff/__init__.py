@@ -6,7 +6,7 @@
     x0 = jd.sample(den, x_T, jd.timesteps(s, 10), solver=jd.DPMSolverPP(order=2))
 """
 
-from jaxdiff import smc, testing
+from jaxdiff import losses, smc, testing
 from jaxdiff import hub, nets
 from jaxdiff import metrics, pretrained
 from jaxdiff.hub import load_diffusers, save_diffusers

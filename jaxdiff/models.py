@@ -85,6 +85,10 @@ class Denoiser(struct.PyTreeNode):
     - ``"score"``: grad log p_t = -eps / sigma;
     - ``"velocity"`` (flow matching): v = dx/dt = alpha' x0 + sigma' eps, solved for (x0, eps).
 
+    Times: ``t`` is a scalar (sampling) or one time per sample, shape ``(B,)`` for ``x`` of shape ``(B, ...)``
+    (training); the model then receives ``t_model`` of shape ``(B,)`` and the schedule coefficients are
+    reshaped to ``(B, 1, ..., 1)``.
+
     Args:
         fn: ``fn(x, t_model, args) -> prediction`` with the shape of ``x``.
         schedule: the noise schedule the model was trained with.
@@ -93,7 +97,7 @@ class Denoiser(struct.PyTreeNode):
         threshold: ``DynamicThreshold()`` or None (data-prediction solvers only).
 
     Example:
-        >>> den = Denoiser(lambda x, t, a: x * 0, VPLinear(), "epsilon")
+        >>> den = jd.Denoiser(lambda x, t, a: x * 0, jd.VPLinear(), "epsilon")
         >>> den.x0(jnp.ones(2), 0.5, None).shape
         (2,)
     """
