@@ -47,7 +47,9 @@ class CFG(struct.PyTreeNode):
         if tree_c != tree_u:
             raise ValueError(f"`cond_args` and `uncond_args` must have the same structure; got {tree_c} and {tree_u}.")
         shared = [a is b for a, b in zip(leaves_c, leaves_u)]
-        stacked = [a if s else jnp.stack([jnp.asarray(a), jnp.asarray(b)]) for a, b, s in zip(leaves_c, leaves_u, shared)]
+        stacked = [
+            a if s else jnp.stack([jnp.asarray(a), jnp.asarray(b)]) for a, b, s in zip(leaves_c, leaves_u, shared)
+        ]
         axes = [None if s else 0 for s in shared]
         stacked_args = jax.tree.unflatten(tree_c, stacked)
         axes_args = jax.tree.unflatten(tree_c, axes)
@@ -169,7 +171,8 @@ class Denoiser(struct.PyTreeNode):
             eps = -sigma * out
             x0 = (x - sigma * eps) / alpha
         else:  # velocity
-            d_alpha, d_sigma = jax.jvp(lambda tt: (self.schedule.alpha(tt), self.schedule.sigma(tt)), (t,), (jnp.ones_like(t),))[1]
+            s = self.schedule
+            d_alpha, d_sigma = jax.jvp(lambda tt: (s.alpha(tt), s.sigma(tt)), (t,), (jnp.ones_like(t),))[1]
             d_alpha, d_sigma = _per_sample(d_alpha.astype(dtype), x.ndim), _per_sample(d_sigma.astype(dtype), x.ndim)
             det = alpha * d_sigma - sigma * d_alpha
             x0 = (d_sigma * x - sigma * out) / det

@@ -262,7 +262,9 @@ class VPDiscrete(_VP):
         n = int(n)
         rescale = cfg.get("rescale_betas_zero_snr", False)
         if not isinstance(rescale, (bool, np.bool_)):
-            raise ValueError(f"`rescale_betas_zero_snr` must be True or False, got {rescale!r} in the scheduler config.")
+            raise ValueError(
+                f"`rescale_betas_zero_snr` must be True or False, got {rescale!r} in the scheduler config."
+            )
         trained = cfg.get("trained_betas", None)
         if trained is not None:
             betas = np.asarray(trained, dtype=np.float32)
@@ -302,7 +304,9 @@ class VPDiscrete(_VP):
                 log_alphas = 0.5 * np.cumsum(np.log(alphas))
         if zero_snr_floor is not None:
             if not isinstance(zero_snr_floor, (float, int)) or not 0.0 < zero_snr_floor < 1.0:
-                raise ValueError(f"`zero_snr_floor` must be a float in (0, 1) (diffusers uses 2**-24), got {zero_snr_floor!r}.")
+                raise ValueError(
+                    f"`zero_snr_floor` must be a float in (0, 1) (diffusers uses 2**-24), got {zero_snr_floor!r}."
+                )
             if log_alphas[-1] == -np.inf:
                 log_alphas[-1] = 0.5 * np.log(float(zero_snr_floor))
                 if log_alphas[-1] > log_alphas[-2]:
@@ -483,7 +487,8 @@ def _check_table(name: str, table) -> None:
     zeros = np.flatnonzero(a[:-1] == 0.0)
     if zeros.size:
         raise ValueError(
-            f"Only the last `alphas_cumprod` entry may be 0 (a zero terminal SNR); got alphas_cumprod[{int(zeros[0])}] = 0 "
+            "Only the last `alphas_cumprod` entry may be 0 (a zero terminal SNR); got "
+            f"alphas_cumprod[{int(zeros[0])}] = 0 "
             f"of {a.size}."
         )
 

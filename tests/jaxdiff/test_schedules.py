@@ -82,7 +82,9 @@ def test_schedules_are_pytrees_under_jit_vmap_grad():
     np.testing.assert_allclose(la, [0.5 * np.log(0.9) * 2.5, 0.5 * np.log(0.8) * 2.5], rtol=1e-12)
     g = jax.jit(jax.grad(lambda bmax: jd.VPLinear(beta_max=bmax).lambda_(0.3)))(20.0)
     np.testing.assert_allclose(
-        g, (jd.VPLinear(beta_max=20.0 + 1e-6).lambda_(0.3) - jd.VPLinear(beta_max=20.0 - 1e-6).lambda_(0.3)) / 2e-6, rtol=1e-6
+        g,
+        (jd.VPLinear(beta_max=20.0 + 1e-6).lambda_(0.3) - jd.VPLinear(beta_max=20.0 - 1e-6).lambda_(0.3)) / 2e-6,
+        rtol=1e-6,
     )
 
 
@@ -156,7 +158,7 @@ def test_from_diffusers_exp_schedule_and_zero_snr_floor_match_diffusers():
     np.testing.assert_allclose(ours, dpm.alphas_cumprod.numpy(), rtol=0, atol=2e-6)
     np.testing.assert_allclose(float(s.lambda_(1.0)), 0.5 * np.log(2**-24 / (1 - 2**-24)), rtol=1e-12)
     # on the linear table diffusers' floor exceeds alphas_cumprod[N-2] = 4.2e-9: not monotone, refused
-    with pytest.raises(ValueError, match=r"`zero_snr_floor=5.96.*e-08` exceeds the previous `alphas_cumprod` entry 4.21e-09"):
+    with pytest.raises(ValueError, match=r"`zero_snr_floor=5.96.*e-08` exceeds the previous .* entry 4.21e-09"):
         jd.VPDiscrete.from_diffusers(_config("linear", 1000, rescale=True), zero_snr_floor=2**-24)
 
 
@@ -180,7 +182,8 @@ def test_from_diffusers_closed_forms():
     free = 1.0 - abar(t) / abar(t - 1.0 / n) < 0.999
     assert free[:-1].all() and not free[-1]  # only the last beta (abar(1) = 0) is capped
     np.testing.assert_allclose(ours[free], abar(t[free]) / abar(0.0), rtol=2e-6)
-    np.testing.assert_allclose(ours[-1], ours[-2] * float(np.float32(1) - np.float32(0.999)), rtol=1e-12)  # float32 beta
+    capped = float(np.float32(1) - np.float32(0.999))  # a float32 beta, as diffusers
+    np.testing.assert_allclose(ours[-1], ours[-2] * capped, rtol=1e-12)
     # scaled_linear: first and last betas are beta_start and beta_end
     sl = _alphas_cumprod(jd.VPDiscrete.from_diffusers(_config("scaled_linear", n)))
     f32 = np.float32
@@ -199,7 +202,7 @@ def test_from_diffusers_closed_forms():
 
 
 def test_from_diffusers_bad_config():
-    with pytest.raises(ValueError, match=r"Unknown `beta_schedule='cosine'` in the scheduler config; supported: \('linear', "):
+    with pytest.raises(ValueError, match=r"Unknown `beta_schedule='cosine'` in the scheduler config; supported: \('"):
         jd.VPDiscrete.from_diffusers({"beta_schedule": "cosine"})
     with pytest.raises(ValueError, match=r"`num_train_timesteps` must be an int >= 2, got 1.5"):
         jd.VPDiscrete.from_diffusers({"num_train_timesteps": 1.5})
@@ -207,7 +210,7 @@ def test_from_diffusers_bad_config():
         jd.VPDiscrete.from_diffusers({"rescale_betas_zero_snr": "yes"})
     with pytest.raises(ValueError, match=r"`beta_end` must be a number in \(0, 1\), got '0.02'"):
         jd.VPDiscrete.from_diffusers({"beta_end": "0.02"})
-    with pytest.raises(ValueError, match=r"`beta_schedule='linear'` .* gives invalid betas: `betas` must lie in \(0, 1\]"):
+    with pytest.raises(ValueError, match=r"`beta_schedule='linear'` .* gives invalid betas: `betas` must lie in \("):
         jd.VPDiscrete.from_diffusers({"beta_start": -0.1})
     with pytest.raises(ValueError, match=r"`trained_betas` has 3 entries but `num_train_timesteps` is 1000"):
         jd.VPDiscrete.from_diffusers({"trained_betas": [0.1, 0.2, 0.3], "num_train_timesteps": 1000})
@@ -226,7 +229,7 @@ def test_vp_discrete_validates_concrete_tables():
         jd.VPDiscrete(np.array([1.0, 0.5, 0.5]))
     with pytest.raises(ValueError, match=r"`alphas_cumprod` must lie in \[0, 1\]; got alphas_cumprod\[0\] = 1.5"):
         jd.VPDiscrete(alphas_cumprod=np.array([1.5, 0.5]))
-    with pytest.raises(ValueError, match=r"must be non-increasing; got alphas_cumprod\[1\] = 0.5 < alphas_cumprod\[2\] = 0.7"):
+    with pytest.raises(ValueError, match=r"non-increasing; got alphas_cumprod\[1\] = 0.5 < alphas_cumprod\[2\] = 0.7"):
         jd.VPDiscrete(alphas_cumprod=np.array([0.9, 0.5, 0.7]))
     with pytest.raises(ValueError, match=r"Only the last `alphas_cumprod` entry may be 0"):
         jd.VPDiscrete(alphas_cumprod=np.array([0.9, 0.0, 0.0]))
