@@ -25,6 +25,28 @@ def median_time(fn, repeats: int = 5, warmup: int = 1) -> float:
     return times[len(times) // 2]
 
 
+def interleaved(fns: dict, repeats: int) -> dict:
+    """Wall times of each ``fns[name]()`` (which must block), ``repeats`` rounds, the peers interleaved.
+
+    Each round calls every peer once, the order rotated round by round, so all peers see the same
+    machine load and none always finds the caches warmed by another. Returns ``{name: sorted times}``.
+    """
+    names = list(fns)
+    times = {name: [] for name in names}
+    for r in range(repeats):
+        for name in names[r % len(names):] + names[: r % len(names)]:
+            start = time.perf_counter()
+            fns[name]()
+            times[name].append(time.perf_counter() - start)
+    return {name: sorted(ts) for name, ts in times.items()}
+
+
+def spread(times: list) -> dict:
+    """Median and the interquartile range of sorted times."""
+    n = len(times)
+    return {"median": times[n // 2], "q25": times[n // 4], "q75": times[(3 * n) // 4], "min": times[0], "max": times[-1]}
+
+
 def machine() -> dict:
     return {
         "platform": platform.platform(),
