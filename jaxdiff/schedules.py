@@ -145,6 +145,9 @@ class VPCosine(_VP):
         return 2.0 * (1.0 + self.s) / math.pi * jnp.arccos(jnp.exp(log_alpha)) - self.s
 
 
+_NOT_GIVEN = object()
+
+
 class VPDiscrete(_VP):
     """A DDPM beta table, as a continuous schedule (Lu et al., 2022, DPM-Solver's discrete VP).
 
@@ -182,11 +185,13 @@ class VPDiscrete(_VP):
 
     log_alphas: jax.Array  # shape (N,), log sqrt(alphas_cumprod); the last entry may be -inf
 
-    def __init__(self, betas=None, *, alphas_cumprod=None, log_alphas=None):
-        given = [v is not None for v in (betas, alphas_cumprod, log_alphas)]
+    def __init__(self, betas=None, *, alphas_cumprod=None, log_alphas=_NOT_GIVEN):
+        # JAX rebuilds pytrees through `log_alphas`, with any placeholder leaf (None included): that path is
+        # never checked; only "no table at all" and "two tables" are errors.
+        given = [betas is not None, alphas_cumprod is not None, log_alphas is not _NOT_GIVEN]
         if sum(given) != 1:
             raise ValueError("`VPDiscrete` takes exactly one of `betas`, `alphas_cumprod` or `log_alphas`.")
-        if log_alphas is None:
+        if log_alphas is _NOT_GIVEN:
             name, table = ("betas", betas) if betas is not None else ("alphas_cumprod", alphas_cumprod)
             if jnp.ndim(table) != 1 or jnp.shape(table)[0] < 2:
                 raise ValueError(

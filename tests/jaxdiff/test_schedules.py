@@ -313,3 +313,13 @@ def test_vp_discrete_derivative_at_t_one_is_one_sided():
     slope = 1000 * (la[-1] - la[-2])
     np.testing.assert_allclose(jax.grad(s.log_alpha)(1.0), slope, rtol=1e-10)
     np.testing.assert_allclose(jax.grad(s.alpha)(1.0), np.exp(la[-1]) * slope, rtol=1e-10)
+
+
+def test_vp_discrete_rebuilds_with_any_leaves():
+    """tree_map with placeholder leaves (as diffrax and optax do) rebuilds a VPDiscrete without validation."""
+    s = jd.VPDiscrete(np.linspace(1e-4, 0.02, 100))
+    assert jax.tree.map(lambda x: None, s).log_alphas is None
+    doubled = jax.tree.map(lambda x: 2 * x, s)
+    np.testing.assert_array_equal(doubled.log_alphas, 2 * s.log_alphas)
+    with pytest.raises(ValueError, match="takes exactly one of"):
+        jd.VPDiscrete()
