@@ -229,17 +229,22 @@ def _variant_name(name: str, variant: str | None) -> str:
 
 def _resolve(path) -> Path:
     """A local folder, or (if ``huggingface_hub`` is installed) a Hub repo id downloaded to the cache."""
-    p = Path(os.fspath(path)).expanduser()
+    name = os.fspath(path)
+    p = Path(name).expanduser()
     if p.exists():
         return p
+    missing = FileNotFoundError(
+        f"`path={name!r}` does not exist. Pass a local diffusers folder (config.json + {WEIGHTS_NAME}, or a "
+        "pipeline folder with unet/ and scheduler/), or a Hub repo id ('namespace/name') with huggingface_hub "
+        "installed."
+    )
+    # a Hub id is "name" or "namespace/name"; anything else (absolute, relative with ./, deeper) is a local path
+    if p.is_absolute() or name.startswith((".", "~")) or name.count("/") > 1 or os.sep != "/" and os.sep in name:
+        raise missing
     try:
         import huggingface_hub
     except ImportError:
-        raise FileNotFoundError(
-            f"`path={os.fspath(path)!r}` does not exist. Pass a local diffusers folder (config.json + "
-            f"{WEIGHTS_NAME}, or a pipeline folder with unet/ and scheduler/), or install huggingface_hub "
-            "to download a Hub repo id."
-        ) from None
+        raise missing from None
     patterns = [f"{d}{name}" for d in ("", "unet/", "scheduler/")
                 for name in (CONFIG_NAME, SCHEDULER_CONFIG_NAME, "diffusion_pytorch_model*.safetensors*")]
     return Path(huggingface_hub.snapshot_download(os.fspath(path), allow_patterns=patterns))

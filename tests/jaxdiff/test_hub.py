@@ -348,9 +348,12 @@ def test_loading_errors_say_what_to_do(tmp_path, monkeypatch):
         jd.load_diffusers(folder, schedule=schedule)
     with pytest.raises(FileNotFoundError, match=r"No config.json in .* or .*unet"):
         jd.load_diffusers(tmp_path, schedule=schedule)
-    monkeypatch.setitem(sys.modules, "huggingface_hub", None)  # no Hub fallback: no network in tests
-    with pytest.raises(FileNotFoundError, match=r"`path='.*does-not-exist'` does not exist.*install huggingface_hub"):
+    # a local path that does not exist is never sent to the Hub (even with huggingface_hub installed)
+    with pytest.raises(FileNotFoundError, match=r"`path='.*does-not-exist'` does not exist.*huggingface_hub installed"):
         jd.load_diffusers(tmp_path / "does-not-exist")
+    monkeypatch.setitem(sys.modules, "huggingface_hub", None)  # no Hub fallback: no network in tests
+    with pytest.raises(FileNotFoundError, match=r"`path='some-org/some-model'` does not exist"):
+        jd.load_diffusers("some-org/some-model")
     with pytest.raises(ValueError, match=r"`variables` must be the flax variables dict "
                                          r"`\{'params': \.\.\.\}` of a `UNet2D`"):
         jd.save_diffusers(tmp_path / "x", TINY, variables["params"], SCHEDULER)
