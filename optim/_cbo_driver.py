@@ -99,7 +99,7 @@ def _typed_key(key):
 
     if _is_typed(key):
         if jnp.ndim(key) != 0:
-            V.fail("key", f"a key array of shape {key.shape}", "one PRNG key (shape ())",
+            V.fail("key", V.Text(f"a key array of shape {key.shape}"), "one PRNG key (shape ())",
                    "Split outside and vmap `cbo_minimize` over the keys.")
         return key
     data = _key_data(key, None)
@@ -109,7 +109,7 @@ def _typed_key(key):
 def _static_float(name, value) -> float:
     v = V.concrete(value)
     if v is None:
-        V.fail(name, "a traced value", "a Python number (static: it is compiled into the loop)",
+        V.fail(name, V.Text("a traced value"), "a Python number (static: it is compiled into the loop)",
                "Pass a concrete number, not one computed under jit/vmap.", TypeError)
     return v
 

@@ -47,12 +47,16 @@ def shifted(value, usable, axis_name):
 
     Returns ``(shift, finite, any_finite)`` with ``finite`` = usable with a finite loss.
     """
+    # materialized once: XLA may otherwise recompute a fused loss in two kernels (one for the min, one
+    # for the difference) with different FMA contraction, so the argmin's shift comes out as +-1 ulp,
+    # which alpha = 1e9 turns into a weight of 0 or exp(+big)
+    value = jax.lax.optimization_barrier(value)
     finite = jnp.isfinite(value) & usable
     safe = jnp.where(finite, value, jnp.inf)
     fmin = _tree.pmin(jnp.min(safe), axis_name)
     any_finite = jnp.isfinite(fmin)
     shift = jnp.where(finite, safe - jnp.where(any_finite, fmin, 0.0), jnp.inf)
-    return shift, finite, any_finite
+    return jax.lax.optimization_barrier(shift), finite, any_finite
 
 
 def weights(value, usable, alpha, axis_name):
@@ -124,7 +128,7 @@ def consensus_point(points, value, alpha, axis_name=None):
     check_alpha(alpha)
     n = jnp.shape(jax.tree.leaves(points)[0])[0]
     if jnp.shape(value) != (n,):
-        V.fail("value", f"an array of shape {jnp.shape(value)}", f"of shape ({n},), one loss per particle",
+        V.fail("value", V.Text(f"an array of shape {jnp.shape(value)}"), f"of shape ({n},), one loss per particle",
                "Evaluate the loss per particle, e.g. `jax.vmap(loss)(points)`.")
     value = jnp.asarray(value)
     value = value.astype(jnp.promote_types(value.dtype, jnp.float32))
@@ -151,8 +155,12 @@ def ess_alpha(value, target, alpha_min, alpha_max, axis_name=None, iterations=48
         sums = _tree.psum(jnp.stack([jnp.sum(w), jnp.sum(w * w)]), axis_name)
         return sums[0] ** 2 / jnp.maximum(sums[1], jnp.finfo(s.dtype).tiny) / jnp.maximum(n, 1.0)
 
-    lo = jnp.log(jnp.clip(jnp.asarray(alpha_min, s.dtype), jnp.finfo(s.dtype).tiny, big))
-    hi = jnp.log(jnp.clip(jnp.asarray(alpha_max, s.dtype), jnp.finfo(s.dtype).tiny, big))
+    def log_bound(a):  # clamped in Python first when concrete: no overflow in the cast
+        v = V.concrete(a)
+        a = jnp.asarray(min(v, float(big)) if v is not None else a, s.dtype)
+        return jnp.log(jnp.clip(a, jnp.finfo(s.dtype).tiny, big))
+
+    lo, hi = log_bound(alpha_min), log_bound(alpha_max)
 
     def body(_, bounds):
         lo, hi = bounds
@@ -167,8 +175,11 @@ def ess_alpha(value, target, alpha_min, alpha_max, axis_name=None, iterations=48
 def kernel_consensus(points, value, usable, alpha, kernel: str, kappa, kernel_factor: str, fallback):
     """Polarized CBO: per-particle consensus with kernel weights ``k(x_i, x_j)^factor w_j`` (leaves (N, ...)).
 
-    Log-weights go through a softmax per row; a row in which no weight is representable (every
-    log-weight -inf) takes ``fallback`` (the global consensus).
+    Row i's weights are ``exp(-t (v_ij - min_j v_ij))`` with ``v_ij = -log k_ij + s f_j`` (``t = alpha,
+    s = 1`` for ``kernel_factor="alpha"``; ``t = 1, s = alpha`` for ``"const"``), so every exponent is
+    <= 0 and the row's best member has weight exactly 1, for any alpha: a softmax of ``-alpha v``
+    itself turned NaN at alpha = 1e9 on XLA:CPU (exp of a difference of two -2e9 logits gave inf).
+    A row with no usable member takes ``fallback`` (the global consensus).
     """
     n = value.shape[0]
     shift, finite, any_finite = shifted(value, usable, None)
@@ -176,12 +187,15 @@ def kernel_consensus(points, value, usable, alpha, kernel: str, kappa, kernel_fa
     flat = jnp.where(usable[:, None], flat, 0).astype(jnp.promote_types(flat.dtype, jnp.float32))
     d2 = jnp.sum((flat[:, None, :] - flat[None, :, :]) ** 2, axis=-1)
     neglog = d2 / (2 * kappa**2) if kernel == "gaussian" else jnp.sqrt(d2) / kappa
-    factor = alpha if kernel_factor == "alpha" else 1.0
-    logits = -scaled(factor, neglog) - scaled(alpha, jnp.where(finite, shift, 0.0))[None, :]
+    temp, loss_scale = (alpha, 1.0) if kernel_factor == "alpha" else (1.0, alpha)
+    v = neglog + scaled(loss_scale, jnp.where(finite, shift, 0.0))[None, :]
     keep = jnp.where(any_finite, finite, usable)
-    logits = jnp.where(keep[None, :], logits, -jnp.inf)
-    row_ok = jnp.any(jnp.isfinite(logits), axis=1)
-    w = jax.nn.softmax(jnp.where(row_ok[:, None], logits, 0.0), axis=1)  # (N, N): row i = particle i's weights
+    v = jnp.where(keep[None, :], v, jnp.inf)
+    row_ok = jnp.any(jnp.isfinite(v), axis=1)
+    gap = v - jnp.where(row_ok, jnp.min(v, axis=1), 0.0)[:, None]
+    gap = jax.lax.optimization_barrier(jnp.where(jnp.isnan(gap), jnp.inf, gap))  # one copy for exp and the sum
+    e = jnp.exp(-scaled(temp, gap))  # (N, N): row i = particle i's unnormalised weights, max 1
+    w = e / jnp.where(row_ok, jnp.sum(e, axis=1), 1.0)[:, None]
 
     def leaf(x, fb):
         acc = jnp.promote_types(x.dtype, jnp.float32)

@@ -46,6 +46,13 @@ def fail(name: str, value: Any, expected: str, hint: str = "", error: type = Val
     raise error(message(name, value, expected, hint))
 
 
+class Text(str):
+    """A description shown as is in a message (``Text("an array of shape (3,)")``), not quoted."""
+
+    def __repr__(self) -> str:
+        return str(self)
+
+
 def _show(value: Any) -> str:
     if isinstance(value, (jax.Array, np.ndarray)) and not isinstance(value, jax.core.Tracer):
         try:
@@ -228,10 +235,14 @@ def float_tree(owner: str, name: str, tree: Any) -> None:
         dtype = jnp.result_type(leaf)
         if dtype.name not in SUPPORTED_DTYPES:
             where = f"`{name}{jax.tree_util.keystr(path)}`"
-            kind = ("an integer dtype: the update would be truncated" if jnp.issubdtype(dtype, jnp.integer) or
-                    dtype == jnp.bool_ else f"dtype {dtype}")
+            if jnp.issubdtype(dtype, jnp.integer) or dtype == jnp.bool_:
+                kind = " (an integer dtype: the update would be truncated)"
+            elif jnp.issubdtype(dtype, jnp.complexfloating):
+                kind = " (complex: the step-size statistics are real inner products)"
+            else:
+                kind = ""
             raise TypeError(
-                f"{where} has dtype {dtype} ({kind}), but optim.{owner} supports floating-point parameters "
+                f"{where} has dtype {dtype}{kind}, but optim.{owner} supports floating-point parameters "
                 f"of dtype {', '.join(SUPPORTED_DTYPES)}. Cast them, e.g. "
                 f"`jax.tree.map(lambda x: x.astype(jnp.float32), {name})`, and keep integer leaves out of "
                 "the optimizer (optax.partition or optax.masked)."

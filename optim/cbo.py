@@ -179,7 +179,7 @@ def _validate(cfg: _Config) -> None:
         V.positive("noise_truncation", cfg.noise_truncation, "It is M in sigma * min(||x - c||, M).")
     if cfg.batch_size is not None:
         if V.is_traced(cfg.batch_size):
-            V.fail("batch_size", "a traced value", "a static Python int",
+            V.fail("batch_size", V.Text("a traced value"), "a static Python int",
                    "It sets shapes; with optax.inject_hyperparams pass static_args=('batch_size',).", TypeError)
         V.static_int("batch_size", cfg.batch_size, 1, "Pass the particles per random batch.")
         if cfg.axis_name is not None:
@@ -227,7 +227,7 @@ def _check_inputs(params, value, updates, cfg: _Config):
             f"`value` has shape {jnp.shape(value)} but `params` holds {n} particles; expected shape ({n},). "
             "Evaluate the loss per particle, e.g. `jax.vmap(loss)(params)`.")
     if not jnp.issubdtype(jnp.result_type(value), jnp.floating):
-        V.fail("value", f"an array of dtype {jnp.result_type(value)}", "floating-point losses",
+        V.fail("value", V.Text(f"an array of dtype {jnp.result_type(value)}"), "floating-point losses",
                "Cast the losses, e.g. `losses.astype(jnp.float32)`.", TypeError)
     if cfg.batch_size is not None and n % cfg.batch_size:
         raise ValueError(f"`batch_size`={cfg.batch_size} does not divide the {n} particles; pick a divisor of {n}.")
@@ -266,16 +266,16 @@ def _key_data(key, impl: str | None):
         return jax.random.key_data(jax.random.key(key, impl=impl))
     if _is_typed(key):
         if jnp.ndim(key) != 0:
-            V.fail("key", f"a key array of shape {key.shape}", "one PRNG key (shape ())",
+            V.fail("key", V.Text(f"a key array of shape {key.shape}"), "one PRNG key (shape ())",
                    "Split outside and pass one key per run (vmap over runs).")
         if impl is not None and _impl_name(key) != impl:
-            V.fail("key", f"a key with impl {_impl_name(key)!r}", f"a key with impl {impl!r} (the transform's)",
+            V.fail("key", V.Text(f"a key with impl {_impl_name(key)!r}"), f"a key with impl {impl!r} (the transform's)",
                    f"Build the transform with that implementation: `optim.cbo(..., key=jax.random.key(0, "
                    f"impl={_impl_name(key)!r}))`.")
         return jax.random.key_data(key)
     data = jnp.asarray(key)
     if data.dtype != jnp.uint32 or data.ndim != 1:
-        V.fail("key", f"an array of shape {data.shape} and dtype {data.dtype}",
+        V.fail("key", V.Text(f"an array of shape {data.shape} and dtype {data.dtype}"),
                "an int seed, a typed PRNG key, or raw uint32 key data", "Pass e.g. key=jax.random.key(0).",
                TypeError)
     return data
@@ -324,20 +324,26 @@ def _sqrt(x):
     return math.sqrt(v) if v is not None else jnp.sqrt(x)
 
 
+def _clamped(x, dtype):
+    """``x`` in ``dtype``, clamped to its largest finite value (a Python 1e39 in float32 without an overflow)."""
+    big = float(jnp.finfo(dtype).max)
+    v = V.concrete(x)
+    if v is not None:
+        return jnp.asarray(min(v, big), dtype)
+    return jnp.minimum(jnp.asarray(x, dtype), big)
+
+
 def _alpha_at(cfg: _Config, state, value, usable, dtype):
     """This step's alpha: the schedule's, clamped to [alpha_min, alpha_max] and the dtype's finite range."""
     if cfg.alpha_schedule == "multiply":
         growth = jnp.exp(state.count.astype(dtype) * jnp.log(jnp.asarray(cfg.alpha_growth, dtype)))
-        alpha = cfg.alpha * growth
+        alpha = _clamped(cfg.alpha, dtype) * growth
     elif cfg.alpha_schedule == "ess":
         alpha = ess_alpha(value, cfg.ess_target, cfg.alpha_min, cfg.alpha_max, cfg.axis_name, usable=usable)
     else:
         alpha = jnp.asarray(cfg.alpha_schedule(state.count), dtype)
         alpha = jnp.where(jnp.isnan(alpha), state.alpha.astype(dtype), alpha)  # a NaN keeps the last alpha
-    big = jnp.finfo(dtype).max
-    lo = jnp.minimum(jnp.asarray(cfg.alpha_min, dtype), big)
-    hi = jnp.minimum(jnp.asarray(cfg.alpha_max, dtype), big)
-    return jnp.clip(jnp.asarray(alpha, dtype), lo, hi)
+    return jnp.clip(jnp.asarray(alpha, dtype), _clamped(cfg.alpha_min, dtype), _clamped(cfg.alpha_max, dtype))
 
 
 def _count_evaluations(value_fn, k: int) -> None:
@@ -394,7 +400,7 @@ class _Init(_Part):
         return CBOState(
             key=_key_data(self.key if key is None else key, cfg.key_impl),
             count=jnp.zeros((), jnp.int32),
-            alpha=jnp.asarray(cfg.alpha, dtype),
+            alpha=_clamped(cfg.alpha, dtype),
             consensus=consensus,
             memory=memory,
             memory_value=memory_value,
@@ -557,7 +563,10 @@ def _common(**kw) -> dict:
         sigma_memory=None, gradient_weight=0.0, axis_name=None)
     defaults.update(kw)
     if defaults["sigma_memory"] is None:
-        defaults["sigma_memory"] = defaults["lambda_memory"] * defaults["sigma"]
+        try:
+            defaults["sigma_memory"] = defaults["lambda_memory"] * defaults["sigma"]
+        except TypeError:  # a wrong type of sigma or lambda_memory: _validate names it
+            pass
     return defaults
 
 
@@ -757,6 +766,8 @@ def polar_cbo(
         if options.get(bad) is not None:
             V.fail(bad, options[bad], "None for polar_cbo", "Polarized consensus needs all particles on one device; "
                    "use `cbo` for sharded or batched runs.")
+    if isinstance(options.get("options"), dict):  # optax.inject_hyperparams binds **options as `options={...}`
+        options = {**options.pop("options"), **options}
     unknown = sorted(set(options) - {f.name for f in dataclasses.fields(_Config)})
     if unknown:
         V.fail("options", unknown, "keyword options of optim.cbo", "See optim.cbo's arguments.", TypeError)

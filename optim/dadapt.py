@@ -313,7 +313,7 @@ def dadapt_sgd(
         # step leaves it 0, so the next finite gradient sets it
         g0_norm = jnp.where(state.g0_norm > 0, state.g0_norm, _tree.tree_norm(updates, axis_name))
         d = state.d
-        dlr = d * lr / g0_norm
+        dlr = _safe_div(d * lr, g0_norm)  # 0 while every gradient so far was 0: no signal, no step
         if coupled:
             grads = _decayed(params, updates, weight_decay, state.grad_sum)
         else:
