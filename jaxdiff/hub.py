@@ -21,7 +21,6 @@ The conversion is mechanical because ``UNet2D``'s parameter tree mirrors the sta
 
 from __future__ import annotations
 
-import functools
 import json
 import os
 import re
@@ -29,13 +28,12 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import traverse_util
 
 from jaxdiff.models import Denoiser
-from jaxdiff.nets.unet import UNet2D, UNet2DConfig, _example_inputs, unet_fn
+from jaxdiff.nets.unet import UNet2D, UNet2DConfig, unet_fn
 from jaxdiff.schedules import Schedule, VPDiscrete
 
 __all__ = ["params_from_state_dict", "state_dict_from_params", "load_diffusers", "save_diffusers",
@@ -85,14 +83,31 @@ def _torch_shape(leaf_name: str, shape: tuple[int, ...]) -> tuple[int, ...]:
     return tuple(_to_torch_layout(leaf_name, np.empty(shape, np.int8)).shape)
 
 
-@functools.lru_cache(maxsize=16)  # the config is hashable; loading float32 and float64 copies traces once
+def _flax_path(torch_key: str) -> tuple[str, ...]:
+    """``down_blocks.0.resnets.1.conv1.weight`` -> ``("down_blocks_0", "resnets_1", "conv1", "kernel")``."""
+    parts = torch_key.split(".")
+    modules, leaf = [], parts[-1]
+    for p in parts[:-1]:
+        if p.isdigit():
+            modules[-1] = f"{modules[-1]}_{p}"
+        else:
+            modules.append(p)
+    if leaf == "weight":
+        last = modules[-1]
+        if last == "class_embedding":
+            leaf = "embedding"
+        elif last == "time_proj":
+            leaf = "weight"
+        elif last.startswith(("norm", "group_norm", "conv_norm_out")):
+            leaf = "scale"
+        else:
+            leaf = "kernel"
+    return tuple(modules) + (leaf,)
+
+
 def _expected(config: UNet2DConfig) -> dict[str, tuple[tuple[str, ...], tuple[int, ...]]]:
-    """torch key -> (flax path, torch-layout shape), from ``jax.eval_shape`` (no weights materialized)."""
-    shapes = jax.eval_shape(lambda: UNet2D(config).init(jax.random.key(0), *_example_inputs(config)))["params"]
-    out = {}
-    for path, leaf in traverse_util.flatten_dict(shapes).items():
-        out[_torch_key(path)] = (path, _torch_shape(path[-1], tuple(leaf.shape)))
-    return out
+    """torch key -> (flax path, torch-layout shape), from the config's parameter spec (no tracing)."""
+    return {key: (_flax_path(key), shape) for key, shape in config.state_dict_shapes().items()}
 
 
 def _listing(items: list[str]) -> str:
@@ -146,7 +161,7 @@ def params_from_state_dict(config: UNet2DConfig, state_dict: Mapping[str, Any], 
 
     Conv weights OIHW -> HWIO, linear (out, in) -> (in, out), GroupNorm ``weight`` -> ``scale``,
     Embedding ``weight`` -> ``embedding``. Legacy attention names (``query``/``key``/``value``/
-    ``proj_attn``) are accepted. The expected keys and shapes come from ``jax.eval_shape``.
+    ``proj_attn``) are accepted. The expected keys and shapes come from ``config.state_dict_shapes()``.
 
     Args:
         config: the model's ``UNet2DConfig``.

@@ -314,35 +314,91 @@ class UNet2DConfig:
                 )
 
     def _group_norms(self):
-        """(where, channels, groups) of every GroupNorm, following diffusers' channel bookkeeping."""
-        g, boc, layers = self.norm_num_groups, self.block_out_channels, self.layers_per_block
+        """(where, channels, groups) of every GroupNorm, read off ``state_dict_shapes``."""
+        mid_attention = "mid_block.attentions.0.group_norm"
+        for key, shape in self.state_dict_shapes().items():
+            where, leaf = key.rsplit(".", 1)
+            if leaf == "weight" and where.rsplit(".", 1)[-1] in ("norm1", "norm2", "group_norm", "conv_norm_out"):
+                yield where, shape[0], self._mid_attention_groups() if where == mid_attention else self.norm_num_groups
+
+    def state_dict_shapes(self) -> dict[str, tuple[int, ...]]:
+        """The diffusers state dict of this config: ``{PyTorch name: shape}`` (OIHW convs, (out, in) linears).
+
+        Follows ``UNet2DModel.__init__``'s channel bookkeeping (the up blocks' resnet j takes the block's own
+        output channels as its skip for j < layers_per_block and the next level's for the last one). Pure
+        Python, no tracing: ``jaxdiff.hub`` checks checkpoints against it, and the tests check it against
+        ``jax.eval_shape`` of ``UNet2D.init``.
+        """
+        boc, layers, ted = self.block_out_channels, self.layers_per_block, self.time_embed_dim
         n = len(boc)
+        shapes: dict[str, tuple[int, ...]] = {}
+
+        def linear(name, cin, cout):
+            shapes[f"{name}.weight"], shapes[f"{name}.bias"] = (cout, cin), (cout,)
+
+        def conv(name, cin, cout, k=3):
+            shapes[f"{name}.weight"], shapes[f"{name}.bias"] = (cout, cin, k, k), (cout,)
+
+        def norm(name, c):
+            shapes[f"{name}.weight"], shapes[f"{name}.bias"] = (c,), (c,)
+
+        def resnet(name, cin, cout):
+            norm(f"{name}.norm1", cin)
+            conv(f"{name}.conv1", cin, cout)
+            linear(f"{name}.time_emb_proj", ted, 2 * cout if self.resnet_time_scale_shift == "scale_shift" else cout)
+            norm(f"{name}.norm2", cout)
+            conv(f"{name}.conv2", cout, cout)
+            if cin != cout:
+                conv(f"{name}.conv_shortcut", cin, cout, k=1)
+
+        def attention(name, c, with_norm=True):
+            if with_norm:
+                norm(f"{name}.group_norm", c)
+            inner = (c // (self.attention_head_dim or c)) * (self.attention_head_dim or c)
+            for proj in ("to_q", "to_k", "to_v"):
+                linear(f"{name}.{proj}", c, inner)
+            linear(f"{name}.to_out.0", inner, c)
+
+        conv("conv_in", self.in_channels, boc[0])
+        time_in = boc[0]
+        if self.time_embedding_type == "fourier":
+            shapes["time_proj.weight"] = (boc[0],)
+            time_in = 2 * boc[0]
+        linear("time_embedding.linear_1", time_in, ted)
+        linear("time_embedding.linear_2", ted, ted)
+        if self.class_embed_type == "timestep":
+            linear("class_embedding.linear_1", time_in, ted)
+            linear("class_embedding.linear_2", ted, ted)
+        elif self.class_embed_type is None and self.num_class_embeds is not None:
+            shapes["class_embedding.weight"] = (self.num_class_embeds, ted)
         out = boc[0]
         for i, kind in enumerate(self.down_block_types):
             cin, out = out, boc[i]
             for j in range(layers):
-                yield f"down_blocks.{i}.resnets.{j}.norm1", cin if j == 0 else out, g
-                yield f"down_blocks.{i}.resnets.{j}.norm2", out, g
+                resnet(f"down_blocks.{i}.resnets.{j}", cin if j == 0 else out, out)
                 if kind == "AttnDownBlock2D":
-                    yield f"down_blocks.{i}.attentions.{j}.group_norm", out, g
+                    attention(f"down_blocks.{i}.attentions.{j}", out)
+            if i < n - 1:
+                conv(f"down_blocks.{i}.downsamplers.0.conv", out, out)
         if self.mid_block_type is not None:
-            for j in range(2):
-                yield f"mid_block.resnets.{j}.norm1", boc[-1], g
-                yield f"mid_block.resnets.{j}.norm2", boc[-1], g
-            if self.add_attention and self._mid_attention_groups() is not None:
-                yield "mid_block.attentions.0.group_norm", boc[-1], self._mid_attention_groups()
+            resnet("mid_block.resnets.0", boc[-1], boc[-1])
+            if self.add_attention:
+                attention("mid_block.attentions.0", boc[-1], with_norm=self._mid_attention_groups() is not None)
+            resnet("mid_block.resnets.1", boc[-1], boc[-1])
         rev = boc[::-1]
         prev = rev[0]
         for i, kind in enumerate(self.up_block_types):
             out, skip_last = rev[i], rev[min(i + 1, n - 1)]
             for j in range(layers + 1):
-                cin = (prev if j == 0 else out) + (skip_last if j == layers else out)
-                yield f"up_blocks.{i}.resnets.{j}.norm1", cin, g
-                yield f"up_blocks.{i}.resnets.{j}.norm2", out, g
+                resnet(f"up_blocks.{i}.resnets.{j}", (prev if j == 0 else out) + (skip_last if j == layers else out), out)
                 if kind == "AttnUpBlock2D":
-                    yield f"up_blocks.{i}.attentions.{j}.group_norm", out, g
+                    attention(f"up_blocks.{i}.attentions.{j}", out)
+            if i < n - 1:
+                conv(f"up_blocks.{i}.upsamplers.0.conv", out, out)
             prev = out
-        yield "conv_norm_out", boc[0], g
+        norm("conv_norm_out", boc[0])
+        conv("conv_out", boc[0], self.out_channels)
+        return shapes
 
     def _attentions(self):
         for i, kind in enumerate(self.down_block_types):

@@ -20,11 +20,14 @@ import ml_dtypes
 import numpy as np
 import pytest
 import safetensors.numpy
+from flax import traverse_util
 
 import jaxdiff as jd
+from jaxdiff import hub
 from jaxdiff.hub import params_from_state_dict, state_dict_from_params
-from jaxdiff.nets import UNet2DConfig
-from tests.jaxdiff.test_unet import TINY, TINY_CLASS, random_variables
+from jaxdiff.nets import UNet2D, UNet2DConfig
+from jaxdiff.nets.unet import _example_inputs
+from tests.jaxdiff.test_unet import DDPM_256, DDPM_CIFAR10, TINY, TINY_CLASS, random_variables
 
 reference = pytest.mark.reference("torch", "diffusers")
 
@@ -65,6 +68,22 @@ PARITY = {
                             up_block_types=("AttnUpBlock2D", "UpBlock2D"),
                             class_embed_type="identity", act_fn="mish", mid_block_type=None, attention_head_dim=4),
 }
+
+
+def _traced_state_dict_shapes(config):
+    shapes = jax.eval_shape(lambda: UNet2D(config).init(jax.random.key(0), *_example_inputs(config)))["params"]
+    return {hub._torch_key(path): hub._torch_shape(path[-1], tuple(leaf.shape))
+            for path, leaf in traverse_util.flatten_dict(shapes).items()}
+
+
+@pytest.mark.parametrize("name", ["ddpm-cifar10-32", "ddpm-256", "digits"] + list(PARITY))
+def test_state_dict_shapes_match_the_traced_network(name):
+    """The pure-Python parameter spec the loader checks against equals what the flax module creates."""
+    from jaxdiff.pretrained.train_digits import CONFIG as DIGITS
+
+    published = {"ddpm-cifar10-32": DDPM_CIFAR10, "ddpm-256": DDPM_256}
+    config = DIGITS if name == "digits" else UNet2DConfig.from_diffusers(published.get(name) or PARITY[name])
+    assert config.state_dict_shapes() == _traced_state_dict_shapes(config)
 
 
 def _rel(ours, ref):
