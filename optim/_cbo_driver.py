@@ -69,11 +69,11 @@ def _is_cbo_state(s):
 
 
 def _find_cbo_state(state):
-    found = [s for s in jax.tree.leaves(state, is_leaf=_is_cbo_state) if _is_cbo_state(s)]
-    if len(found) != 1:
-        raise ValueError(f"`tx` must contain exactly one consensus transform (cbo, polar_cbo or cbs); its state "
-                         f"holds {len(found)} CBOState(s). Build `tx` with `optim.cbo(...)`, optionally chained.")
-    return found[0]
+    from optim.cbo import CBOState
+
+    return V.find_state(state, CBOState, "`tx` must contain exactly one consensus transform (cbo, polar_cbo or "
+                        "cbs); its state holds {found} CBOState(s). Build `tx` with `optim.cbo(...)`, optionally "
+                        "chained.")
 
 
 def _sup_norm(a, b):

@@ -263,6 +263,17 @@ def finite_tree(owner: str, name: str, tree: Any) -> None:
             )
 
 
+def find_state(state: Any, cls: type, message: str) -> Any:
+    """The one ``cls`` state inside ``state`` (e.g. an ``optax.chain`` state); ValueError otherwise.
+
+    ``message`` is formatted with ``{found}``, the number of ``cls`` states found.
+    """
+    found = [s for s in jax.tree.leaves(state, is_leaf=lambda x: isinstance(x, cls)) if isinstance(s, cls)]
+    if len(found) != 1:
+        raise ValueError(message.format(found=len(found)))
+    return found[0]
+
+
 def needs_params(owner: str, params: Any) -> None:
     if params is None:
         raise ValueError(

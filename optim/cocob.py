@@ -68,6 +68,15 @@ def cocob(
     Returns:
       An ``optax.GradientTransformation`` with :class:`COCOBState`; ``update`` needs ``params``.
 
+    Raises:
+      ValueError: a concrete hyperparameter out of range (NaN included), NaN/Inf in the
+        parameters given to ``init``.
+      TypeError: a hyperparameter of the wrong type; integer or complex parameters or updates.
+
+    Bad values at run time: a coordinate whose gradient entry is NaN/Inf or would overflow the
+    bet (see the module docstring) keeps its state and gets a zero update; an injected
+    hyperparameter out of range zeroes every update. float16/bfloat16 parameters keep float32 state.
+
     Example:
       >>> import jax.numpy as jnp, optax, optim
       >>> tx = optim.cocob()

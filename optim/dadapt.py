@@ -161,6 +161,17 @@ def dadapt_adam(
     Returns:
       An ``optax.GradientTransformation`` with :class:`DAdaptAdamState`; ``update`` needs ``params``.
 
+    Raises:
+      ValueError: a concrete hyperparameter out of range (NaN included), a learning-rate
+        schedule that is negative or NaN at step 0, NaN/Inf in the parameters given to ``init``.
+      TypeError: a hyperparameter of the wrong type; integer or complex parameters or updates.
+
+    Bad values at run time (the rule of ``optim._lrfree``): a gradient with a NaN/Inf entry,
+    or one whose square overflows the float32 state, a learning rate (schedule value) that is
+    NaN, infinite or negative, or an injected hyperparameter out of range skips the step:
+    zero updates, state unchanged, ``num_nonfinite`` + 1; the schedule is evaluated at the
+    number of ``update`` calls, so it moves on. float16/bfloat16 parameters keep float32 state.
+
     Example:
       >>> import jax.numpy as jnp, optax, optim
       >>> tx = optim.dadapt_adam()
@@ -220,8 +231,9 @@ def dadapt_adam(
         d_new = _grow(d, _safe_div(numerator_weighted, (1 - sb2) * sk_l1), growth_rate, active)
         exp_avg = jax.tree.map(lambda m, g: (gate.decay(b1) * m + gate.inc((dlr * (1 - b1)) * g)).astype(m.dtype),
                                state.exp_avg, grads)
-        exp_avg_sq = jax.tree.map(lambda v, g: (gate.decay(b2) * v + gate.inc((1 - b2) * jnp.square(g))).astype(v.dtype),
-                                  state.exp_avg_sq, grads)
+        exp_avg_sq = jax.tree.map(
+            lambda v, g: (gate.decay(b2) * v + gate.inc((1 - b2) * jnp.square(g))).astype(v.dtype),
+            state.exp_avg_sq, grads)
         grad_sum = jax.tree.map(lambda s, g: (gate.decay(sb2) * s + gate.inc((dlr * (1 - sb2)) * g)).astype(s.dtype),
                                 state.grad_sum, grads)
 
@@ -284,6 +296,17 @@ def dadapt_sgd(
 
     Returns:
       An ``optax.GradientTransformation`` with :class:`DAdaptSGDState`; ``update`` needs ``params``.
+
+    Raises:
+      ValueError: a concrete hyperparameter out of range (NaN included), a learning-rate
+        schedule that is negative or NaN at step 0, NaN/Inf in the parameters given to ``init``.
+      TypeError: a hyperparameter of the wrong type; integer or complex parameters or updates.
+
+    Bad values at run time (the rule of ``optim._lrfree``): a gradient with a NaN/Inf entry,
+    or one whose square overflows the float32 state, a learning rate (schedule value) that is
+    NaN, infinite or negative, or an injected hyperparameter out of range skips the step:
+    zero updates, state unchanged, ``num_nonfinite`` + 1; the schedule is evaluated at the
+    number of ``update`` calls, so it moves on. float16/bfloat16 parameters keep float32 state.
 
     Example:
       >>> import jax.numpy as jnp, optax, optim
@@ -392,6 +415,17 @@ def dadapt_adagrad(
     Returns:
       An ``optax.GradientTransformation`` with :class:`DAdaptAdaGradState`; ``update`` needs ``params``.
 
+    Raises:
+      ValueError: a concrete hyperparameter out of range (NaN included), a learning-rate
+        schedule that is negative or NaN at step 0, NaN/Inf in the parameters given to ``init``.
+      TypeError: a hyperparameter of the wrong type; integer or complex parameters or updates.
+
+    Bad values at run time (the rule of ``optim._lrfree``): a gradient with a NaN/Inf entry,
+    or one whose square overflows the float32 state, a learning rate (schedule value) that is
+    NaN, infinite or negative, or an injected hyperparameter out of range skips the step:
+    zero updates, state unchanged, ``num_nonfinite`` + 1; the schedule is evaluated at the
+    number of ``update`` calls, so it moves on. float16/bfloat16 parameters keep float32 state.
+
     Example:
       >>> import jax.numpy as jnp, optim
       >>> tx = optim.dadapt_adagrad()
@@ -495,6 +529,17 @@ def dadapt_lion(
 
     Returns:
       An ``optax.GradientTransformation`` with :class:`DAdaptLionState`; ``update`` needs ``params``.
+
+    Raises:
+      ValueError: a concrete hyperparameter out of range (NaN included), a learning-rate
+        schedule that is negative or NaN at step 0, NaN/Inf in the parameters given to ``init``.
+      TypeError: a hyperparameter of the wrong type; integer or complex parameters or updates.
+
+    Bad values at run time (the rule of ``optim._lrfree``): a gradient with a NaN/Inf entry,
+    or one whose square overflows the float32 state, a learning rate (schedule value) that is
+    NaN, infinite or negative, or an injected hyperparameter out of range skips the step:
+    zero updates, state unchanged, ``num_nonfinite`` + 1; the schedule is evaluated at the
+    number of ``update`` calls, so it moves on. float16/bfloat16 parameters keep float32 state.
 
     Example:
       >>> import jax.numpy as jnp, optim

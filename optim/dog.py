@@ -19,12 +19,13 @@ step would be ~0), is skipped: the updates are zero, the state is left as it was
 are detected through the squared norms the step needs anyway; so are NaN parameters (through
 ``||x - x_0||``), and a learning rate (a schedule's value) that is NaN, infinite or negative
 skips the step too. The schedule is evaluated at the number of ``update`` calls, so it moves
-past a bad value (``optim._lrfree`` has the whole rule). LDoG, one DoG per tensor, skips per tensor: a tensor with a non-finite gradient gets
-a zero update and keeps its ``rbar``/``G`` while the others step; ``count`` advances only
-when every tensor stepped. (A whole-step skip would have to finish every tensor's norm
-before the first update, which loses the cache reuse between a tensor's norm and its
-update: 1.17x ``optax.scale_by_distance_over_gradients`` on a 10M-parameter CPU step,
-against 1.01x per tensor.)
+past a bad value (``optim._lrfree`` has the whole rule). LDoG, one DoG per tensor, skips
+per tensor: a tensor with a non-finite gradient gets a zero update and keeps its
+``rbar``/``G`` while the others step; ``count`` advances only when every tensor stepped.
+(A whole-step skip would have to finish every tensor's norm before the first update, which
+loses the cache reuse between a tensor's norm and its update: 1.17x
+``optax.scale_by_distance_over_gradients`` on a 10M-parameter CPU step, against 1.01x per
+tensor.)
 """
 
 from __future__ import annotations
@@ -207,6 +208,17 @@ def dog(
     Returns:
       An ``optax.GradientTransformation`` with :class:`DoGState`; ``update`` needs ``params``.
 
+    Raises:
+      ValueError: a concrete hyperparameter out of range (NaN included), a learning-rate
+        schedule that is negative or NaN at step 0, NaN/Inf in the parameters given to ``init``.
+      TypeError: a hyperparameter of the wrong type; integer or complex parameters or updates.
+
+    Bad values at run time (the rule of ``optim._lrfree``): a gradient with a NaN/Inf entry,
+    or one whose square overflows the float32 state, a learning rate (schedule value) that is
+    NaN, infinite or negative, or an injected hyperparameter out of range skips the step:
+    zero updates, state unchanged, ``num_nonfinite`` + 1; the schedule is evaluated at the
+    number of ``update`` calls, so it moves on. float16/bfloat16 parameters keep float32 state.
+
     Example:
       >>> import jax.numpy as jnp, optax, optim
       >>> tx = optax.chain(optim.dog(), optim.polynomial_decay_averaging())
@@ -246,6 +258,17 @@ def ldog(
     ``axis_name`` each leaf's norms are summed over the shards of that leaf. A tensor whose
     gradient has a NaN/Inf entry is skipped alone (zero update, ``rbar``/``G`` kept); see the
     module docstring.
+
+    Raises:
+      ValueError: a concrete hyperparameter out of range (NaN included), a learning-rate
+        schedule that is negative or NaN at step 0, NaN/Inf in the parameters given to ``init``.
+      TypeError: a hyperparameter of the wrong type; integer or complex parameters or updates.
+
+    Bad values at run time (the rule of ``optim._lrfree``): a gradient with a NaN/Inf entry,
+    or one whose square overflows the float32 state, a learning rate (schedule value) that is
+    NaN, infinite or negative, or an injected hyperparameter out of range skips the step:
+    zero updates, state unchanged, ``num_nonfinite`` + 1; the schedule is evaluated at the
+    number of ``update`` calls, so it moves on. float16/bfloat16 parameters keep float32 state.
 
     Example:
       >>> import jax.numpy as jnp, optim
@@ -293,6 +316,17 @@ def dowg(
 
     Returns:
       An ``optax.GradientTransformation`` with :class:`DoGState` (``grad_sum`` holds ``v_t``).
+
+    Raises:
+      ValueError: a concrete hyperparameter out of range (NaN included), a learning-rate
+        schedule that is negative or NaN at step 0, NaN/Inf in the parameters given to ``init``.
+      TypeError: a hyperparameter of the wrong type; integer or complex parameters or updates.
+
+    Bad values at run time (the rule of ``optim._lrfree``): a gradient with a NaN/Inf entry,
+    or one whose square overflows the float32 state, a learning rate (schedule value) that is
+    NaN, infinite or negative, or an injected hyperparameter out of range skips the step:
+    zero updates, state unchanged, ``num_nonfinite`` + 1; the schedule is evaluated at the
+    number of ``update`` calls, so it moves on. float16/bfloat16 parameters keep float32 state.
 
     Example:
       >>> import jax.numpy as jnp, optim
@@ -371,14 +405,6 @@ def averaged_params(state: Any) -> Any:
     Raises:
       ValueError: if ``state`` holds no, or more than one, :func:`polynomial_decay_averaging` state.
     """
-    found = [
-        s
-        for s in jax.tree.leaves(state, is_leaf=lambda x: isinstance(x, PolynomialDecayAveragingState))
-        if isinstance(s, PolynomialDecayAveragingState)
-    ]
-    if len(found) != 1:
-        raise ValueError(
-            f"`state` holds {len(found)} polynomial_decay_averaging states; expected exactly one. "
-            "Chain optim.polynomial_decay_averaging() once, after the optimizer."
-        )
-    return found[0].averaged_params
+    return V.find_state(state, PolynomialDecayAveragingState,
+                        "`state` holds {found} polynomial_decay_averaging states; expected exactly one. "
+                        "Chain optim.polynomial_decay_averaging() once, after the optimizer.").averaged_params

@@ -92,6 +92,18 @@ def mechanize(
       An ``optax.GradientTransformationExtraArgs`` with :class:`MechanicState`; ``update``
       needs ``params`` and forwards extra arguments to ``base``.
 
+    Raises:
+      ValueError: a concrete hyperparameter out of range (NaN included), NaN/Inf in the
+        parameters given to ``init``.
+      TypeError: ``base`` without ``init``/``update``, a hyperparameter of the wrong type;
+        integer or complex parameters or updates.
+
+    Bad values at run time (the rule of ``optim._lrfree``): a gradient with a NaN/Inf entry,
+    or one whose square overflows the float32 state, or an injected hyperparameter out of
+    range skips the step: zero updates, Mechanic's and the base's state unchanged,
+    ``num_nonfinite`` + 1. float16/bfloat16 parameters keep a float32 reference point; the
+    base keeps the dtypes of its own state.
+
     Example:
       >>> import jax.numpy as jnp, optax, optim
       >>> tx = optim.mechanize(optax.adam(1.0))

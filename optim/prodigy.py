@@ -131,6 +131,17 @@ def prodigy(
     Returns:
       An ``optax.GradientTransformation`` with :class:`ProdigyState`; ``update`` needs ``params``.
 
+    Raises:
+      ValueError: a concrete hyperparameter out of range (NaN included), a learning-rate
+        schedule that is negative or NaN at step 0, NaN/Inf in the parameters given to ``init``.
+      TypeError: a hyperparameter of the wrong type; integer or complex parameters or updates.
+
+    Bad values at run time (the rule of ``optim._lrfree``): a gradient with a NaN/Inf entry,
+    or one whose square overflows the float32 state, a learning rate (schedule value) that is
+    NaN, infinite or negative, or an injected hyperparameter out of range skips the step:
+    zero updates, state unchanged, ``num_nonfinite`` + 1; the schedule is evaluated at the
+    number of ``update`` calls, so it moves on. float16/bfloat16 parameters keep float32 state.
+
     Example:
       >>> import jax.numpy as jnp, optax, optim
       >>> tx = optax.chain(optax.clip_by_global_norm(1.0), optim.prodigy())

@@ -261,14 +261,26 @@ def schedule_free_sgd(
         parameters' dtype if wider; ``jnp.bfloat16`` halves the state of bfloat16 models at
         the cost of precision in the average).
       skip_nonfinite: skip a step whose gradient has a NaN/Inf entry, or one whose square
-        overflows the dtype of ``z`` (see the module docstring). The check is a pass over the gradient, about 15 % of a step that is
-        memory-bound; ``False`` drops it, and a non-finite gradient then corrupts ``z`` and
-        ``y`` (as in ``optax.contrib``; ``optax.apply_if_finite`` is the generic guard).
+        overflows the dtype of ``z`` (see the module docstring). The check is a pass over the
+        gradient, about 15 % of a step that is memory-bound; ``False`` drops it, and a
+        non-finite gradient then corrupts ``z`` and ``y`` (as in ``optax.contrib``;
+        ``optax.apply_if_finite`` is the generic guard).
       axis_name: mapped axis for the (only) global reduction, the non-finite check.
 
     Returns:
       An ``optax.GradientTransformation`` with :class:`ScheduleFreeState`. The params passed
       to ``update`` are ``y``; evaluate at :func:`schedule_free_eval_params`.
+
+    Raises:
+      ValueError: a concrete hyperparameter out of range (NaN included), a learning-rate
+        schedule that is negative or NaN at step 0, NaN/Inf in the parameters given to ``init``.
+      TypeError: a hyperparameter of the wrong type; integer or complex parameters or updates.
+
+    Bad values at run time (the rule of ``optim._lrfree``): a gradient with a NaN/Inf entry,
+    or one whose square overflows the float32 state, a learning rate (schedule value) that is
+    NaN, infinite or negative, or an injected hyperparameter out of range skips the step:
+    zero updates, state unchanged, ``num_nonfinite`` + 1; the schedule is evaluated at the
+    number of ``update`` calls, so it moves on. float16/bfloat16 parameters keep float32 state.
 
     Example:
       >>> import jax.numpy as jnp, optax, optim
@@ -336,6 +348,17 @@ def schedule_free_adamw(
     Returns:
       An ``optax.GradientTransformation`` with :class:`ScheduleFreeState` (``inner`` = ``v``).
 
+    Raises:
+      ValueError: a concrete hyperparameter out of range (NaN included), a learning-rate
+        schedule that is negative or NaN at step 0, NaN/Inf in the parameters given to ``init``.
+      TypeError: a hyperparameter of the wrong type; integer or complex parameters or updates.
+
+    Bad values at run time (the rule of ``optim._lrfree``): a gradient with a NaN/Inf entry,
+    or one whose square overflows the float32 state, a learning rate (schedule value) that is
+    NaN, infinite or negative, or an injected hyperparameter out of range skips the step:
+    zero updates, state unchanged, ``num_nonfinite`` + 1; the schedule is evaluated at the
+    number of ``update`` calls, so it moves on. float16/bfloat16 parameters keep float32 state.
+
     Example:
       >>> import jax.numpy as jnp, optim
       >>> tx = optim.schedule_free_adamw(**optim.SCHEDULE_FREE_ADAMW_PRESETS["algoperf"], warmup_steps=20)
@@ -391,6 +414,17 @@ def schedule_free_radam(
 
     Returns:
       An ``optax.GradientTransformation`` with :class:`ScheduleFreeState` (``inner`` = ``v``).
+
+    Raises:
+      ValueError: a concrete hyperparameter out of range (NaN included), a learning-rate
+        schedule that is negative or NaN at step 0, NaN/Inf in the parameters given to ``init``.
+      TypeError: a hyperparameter of the wrong type; integer or complex parameters or updates.
+
+    Bad values at run time (the rule of ``optim._lrfree``): a gradient with a NaN/Inf entry,
+    or one whose square overflows the float32 state, a learning rate (schedule value) that is
+    NaN, infinite or negative, or an injected hyperparameter out of range skips the step:
+    zero updates, state unchanged, ``num_nonfinite`` + 1; the schedule is evaluated at the
+    number of ``update`` calls, so it moves on. float16/bfloat16 parameters keep float32 state.
 
     Example:
       >>> import jax.numpy as jnp, optim
@@ -460,6 +494,17 @@ def schedule_free(
 
     Returns:
       An ``optax.GradientTransformation`` with :class:`ScheduleFreeState` (``inner`` = base state).
+
+    Raises:
+      ValueError: a concrete hyperparameter out of range (NaN included), a learning-rate
+        schedule that is negative or NaN at step 0, NaN/Inf in the parameters given to ``init``.
+      TypeError: a hyperparameter of the wrong type; integer or complex parameters or updates.
+
+    Bad values at run time (the rule of ``optim._lrfree``): a gradient with a NaN/Inf entry,
+    or one whose square overflows the float32 state, a learning rate (schedule value) that is
+    NaN, infinite or negative, or an injected hyperparameter out of range skips the step:
+    zero updates, state unchanged, ``num_nonfinite`` + 1; the schedule is evaluated at the
+    number of ``update`` calls, so it moves on. float16/bfloat16 parameters keep float32 state.
 
     Example:
       >>> import jax.numpy as jnp, optax, optim
@@ -532,16 +577,8 @@ def schedule_free(
 
 
 def _find_state(state: Any) -> ScheduleFreeState:
-    found = [
-        s for s in jax.tree.leaves(state, is_leaf=lambda x: isinstance(x, ScheduleFreeState))
-        if isinstance(s, ScheduleFreeState)
-    ]
-    if len(found) != 1:
-        raise ValueError(
-            f"`state` holds {len(found)} schedule-free states; expected exactly one. Pass the state of an "
-            "optim.schedule_free_* transform (or of a chain containing one)."
-        )
-    return found[0]
+    return V.find_state(state, ScheduleFreeState, "`state` holds {found} schedule-free states; expected exactly one. "
+                        "Pass the state of an optim.schedule_free_* transform (or of a chain containing one).")
 
 
 def schedule_free_eval_params(state: Any, params: Any) -> Any:

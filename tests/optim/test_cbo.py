@@ -357,7 +357,8 @@ def test_bad_inputs_raise_clear_errors():
         optim.cbo(noise="gaussian")
     with pytest.raises(ValueError, match=r"`dt` must be a finite number > 0, got 0.0"):
         optim.cbo(dt=0.0)
-    with pytest.raises(ValueError, match=r"`alpha` must be between alpha_min=1e-05 and alpha_max=100000.0, got 1000000.0"):
+    with pytest.raises(ValueError,
+                       match=r"`alpha` must be between alpha_min=1e-05 and alpha_max=100000.0, got 1000000.0"):
         optim.cbo(alpha=1e6)
     with pytest.raises(ValueError, match="`batch_size` must be None when `axis_name` is set, got 4"):
         optim.cbo(batch_size=4, axis_name="p")

@@ -141,7 +141,7 @@ def test_bad_hyperparameters_raise(kwargs, match):
 
 
 def test_bad_base_and_structure_raise():
-    with pytest.raises(TypeError, match=r"`base` must be an optax.GradientTransformation \(with `init` and `update`\), got 1.0"):
+    with pytest.raises(TypeError, match=r"`base` must be an optax.GradientTransformation .*, got 1.0"):
         optim.mechanize(1.0)
     tx = optim.mechanize(optax.sgd(1.0))
     params = {"a": jnp.ones(2), "b": jnp.ones(3)}
