@@ -4,10 +4,13 @@ COCOB, schedule-free): the skip rule, the step counters, dtypes and argument che
 **The skip rule** (``Gate`` and ``commit``). A step is *skipped* (zero updates, state
 unchanged but for the counters) when
 
-* a statistic of the step is not finite: a NaN/Inf gradient entry, or a finite entry too
-  large for the state (its square, or the moment increment built from it, overflows the
-  state dtype: ``|g| > 1.8e19`` in float32; a float32 second moment cannot hold ``1e30**2``,
-  and a skipped step lets the run continue exactly as if the gradient had not come);
+* a statistic of the step is not finite: a NaN/Inf gradient entry, or a finite gradient too
+  large for the state: its squared norm (times Prodigy's ``d^2`` when that exceeds 1)
+  overflows the state dtype, ``||g|| > 1.8e19`` in float32 (a float32 second moment cannot
+  hold ``1e30**2``; a skipped step lets the run continue exactly as if the gradient had not
+  come). Where the transform needs no ``||g||^2`` of its own (Prodigy, D-Adapted Adam and
+  Lion) this test costs one reduction over the gradient, 5-8 % of a 10M-parameter CPU step;
+  elsewhere it reuses the norm the step computes anyway;
 * the learning rate of the step is NaN, infinite or negative (a schedule's value), or a
   hyperparameter injected as a traced value (``optax.inject_hyperparams`` under ``jit``) is
   out of its range; concrete invalid values raise ``ValueError`` when the transform is built.
@@ -24,9 +27,11 @@ The rule is folded into the step's arithmetic (decays become 1, increments 0), n
 by selecting between old and new state afterwards: each state leaf is then read and written
 once, in place, and a skipped step is the identity exactly. (The select form made XLA keep a
 copy of every moment buffer, 2.6x slower than ``optax.contrib.prodigy`` on a 10M-parameter
-CPU step.) An increment is masked *after* it is formed (``gate.inc(c * g)``), so a
-coefficient ``c`` that is itself NaN (a NaN learning rate, a NaN first gradient norm) cannot
-leak into the state through ``NaN * 0``.
+CPU step.) Both factors of an increment are masked, the gradient once (``gate.mask(g)``) and
+each scalar coefficient (``gate.coef(c)``), so a coefficient that is itself NaN (a NaN
+learning rate, a NaN first gradient norm) cannot leak into the state through ``NaN * 0``.
+(Masking each product ``where(take, c * g, 0)`` instead is as safe but made XLA:CPU split the
+fusions: 1.5x slower D-Adapted Adam steps.)
 
 **dtypes.** Parameters may be float16, bfloat16, float32 or float64; integer and complex
 parameters raise ``TypeError``. Scalars accumulate in float32 (float64 under x64) and every
@@ -140,13 +145,17 @@ def learning_rate_at(learning_rate: ScalarOrSchedule, step: jax.Array) -> tuple[
     return jnp.asarray(lr).astype(_tree.accumulation_dtype()), ok
 
 
-def overflow_probe(x: jax.Array) -> jax.Array:
-    """``0 * x``: summed with a statistic, it turns the sum NaN iff an entry of ``x`` is NaN/Inf.
+def fits(grad_sq: jax.Array, like: Any, coef: Any = 1.0) -> jax.Array:
+    """``coef * ||g||^2`` is finite and representable in the state dtype of ``like`` (a tree).
 
-    Adds no pass over memory (it rides on a reduction that reads the gradient anyway) and no
-    false alarm from a large but finite sum, as a sum of ``x`` itself would.
+    False for a NaN/Inf gradient and for one whose squared norm overflows the narrowest state
+    buffer (``||g|| > 1.8e19`` for float32), whatever the accumulation dtype of ``grad_sq``.
+    Every skip test of an overflowing gradient goes through here; ``coef`` is the factor a
+    transform puts on ``g^2`` in its second moment when that can exceed 1 (Prodigy's ``d^2``).
     """
-    return jnp.zeros((), x.dtype) * x
+    leaves = [x for x in jax.tree.leaves(like) if jnp.issubdtype(x.dtype, jnp.floating)]
+    big = min((float(jnp.finfo(x.dtype).max) for x in leaves), default=float(jnp.finfo(jnp.float32).max))
+    return jnp.maximum(coef, 1) * grad_sq <= big  # NaN compares False
 
 
 class Gate(NamedTuple):
@@ -155,8 +164,8 @@ class Gate(NamedTuple):
     ``ok``: the step's statistics, learning rate and traced hyperparameters are valid.
     ``take``: ``ok`` and the step is active (a learning rate of 0, or no gradient signal
     yet, leaves the state as it is but advances ``count``). Write a moment update as
-    ``gate.decay(b) * x + gate.inc(c * g)``: with ``take`` false it returns ``x`` exactly,
-    even when ``c`` or ``g`` hold NaN/Inf.
+    ``gate.decay(b) * x + gate.coef(c) * gm`` with ``gm = gate.mask(g)`` computed once: with
+    ``take`` false it returns ``x`` exactly, even when ``c`` or ``g`` hold NaN/Inf.
     """
 
     ok: jax.Array
@@ -171,11 +180,13 @@ class Gate(NamedTuple):
         """``b`` when the step is taken, else 1."""
         return jnp.where(self.take, b, 1)  # keeps a Python float weakly typed
 
-    def inc(self, x):
+    def mask(self, x):
         """``x`` when the step is taken, else zeros (a leaf or a pytree); NaN-safe."""
         return jax.tree.map(lambda a: jnp.where(self.take, a, jnp.zeros((), a.dtype)), x)
 
-    mask = inc
+    def coef(self, c):
+        """A scalar coefficient when the step is taken, else 0 (so a NaN ``c`` never multiplies a 0)."""
+        return jnp.where(self.take, c, 0)
 
 
 def commit(gate: Gate, updates: Any, stepped: Any, state: Any, gated: tuple[str, ...] = ()) -> tuple[Any, Any]:
@@ -201,4 +212,4 @@ def commit(gate: Gate, updates: Any, stepped: Any, state: Any, gated: tuple[str,
             fields[name] = new
         else:
             fields[name] = pick(new, old)
-    return gate.inc(updates), type(state)(**fields)
+    return gate.mask(updates), type(state)(**fields)

@@ -45,7 +45,7 @@ from optim._lrfree import (
     copy_to_state,
     is_static_zero,
     learning_rate_at,
-    overflow_probe,
+    fits,
     schedule_step,
     zeros_like_state,
 )
@@ -217,24 +217,24 @@ def dadapt_adam(
         else:
             grads = jax.tree.map(_to, updates, state.exp_avg_sq)
 
-        # <g, s / (sqrt(v) + eps)> with the old s, v (plus the overflow probe of v's increment), and
-        # ||s_new||_1, in one pass
-        def stats(g, s, v):
-            probe = overflow_probe(((1 - b2) * jnp.square(g)).astype(v.dtype))
-            return g * (s / (jnp.sqrt(v) + eps)) + probe, jnp.abs((sb2 * s + (dlr * (1 - sb2)) * g).astype(s.dtype))
-
-        num, sk_l1 = _tree.tree_reduce_sum(stats, grads, state.grad_sum, state.exp_avg_sq, axis_name=axis_name)
+        # <g, s / (sqrt(v) + eps)> with the old s, v, and ||s_new||_1, in one pass
+        num, sk_l1 = _tree.tree_reduce_sum(
+            lambda g, s, v: (g * (s / (jnp.sqrt(v) + eps)), jnp.abs((sb2 * s + (dlr * (1 - sb2)) * g).astype(s.dtype))),
+            grads, state.grad_sum, state.exp_avg_sq, axis_name=axis_name,
+        )
+        # ||g||^2 only for the overflow test (v holds g^2): the one extra pass over g of this transform
+        representable = fits(_tree.tree_norm_sq(grads, axis_name), state.exp_avg_sq)
         numerator_weighted = sb2 * state.numerator_weighted + (1 - sb2) * dlr * num
         # lr == 0 or no gradient signal yet: the reference returns before changing anything
         active = (lr > 0) & (sk_l1 > 0)
-        gate = Gate.of(jnp.isfinite(numerator_weighted) & jnp.isfinite(sk_l1) & lr_ok & hp_ok, active)
+        gate = Gate.of(jnp.isfinite(numerator_weighted) & jnp.isfinite(sk_l1) & representable & lr_ok & hp_ok, active)
         d_new = _grow(d, _safe_div(numerator_weighted, (1 - sb2) * sk_l1), growth_rate, active)
-        exp_avg = jax.tree.map(lambda m, g: (gate.decay(b1) * m + gate.inc((dlr * (1 - b1)) * g)).astype(m.dtype),
+        grads, dlr_t = gate.mask(grads), gate.coef(dlr)
+        exp_avg = jax.tree.map(lambda m, g: (gate.decay(b1) * m + (dlr_t * (1 - b1)) * g).astype(m.dtype),
                                state.exp_avg, grads)
-        exp_avg_sq = jax.tree.map(
-            lambda v, g: (gate.decay(b2) * v + gate.inc((1 - b2) * jnp.square(g))).astype(v.dtype),
-            state.exp_avg_sq, grads)
-        grad_sum = jax.tree.map(lambda s, g: (gate.decay(sb2) * s + gate.inc((dlr * (1 - sb2)) * g)).astype(s.dtype),
+        exp_avg_sq = jax.tree.map(lambda v, g: (gate.decay(b2) * v + (1 - b2) * jnp.square(g)).astype(v.dtype),
+                                  state.exp_avg_sq, grads)
+        grad_sum = jax.tree.map(lambda s, g: (gate.decay(sb2) * s + (dlr_t * (1 - sb2)) * g).astype(s.dtype),
                                 state.grad_sum, grads)
 
         def leaf_update(m, v, p):
@@ -334,7 +334,8 @@ def dadapt_sgd(
         lr, lr_ok = learning_rate_at(learning_rate, schedule_step(state))
         # the first applied step fixes ||g_0|| (the reference takes step 0's, even if 0); a skipped
         # step leaves it 0, so the next finite gradient sets it
-        g0_norm = jnp.where(state.g0_norm > 0, state.g0_norm, _tree.tree_norm(updates, axis_name))
+        g_norm = _tree.tree_norm(updates, axis_name)  # ||g_0|| until it is set; the overflow test always
+        g0_norm = jnp.where(state.g0_norm > 0, state.g0_norm, g_norm)
         d = state.d
         dlr = _safe_div(d * lr, g0_norm)  # 0 while every gradient so far was 0: no signal, no step
         if coupled:
@@ -342,15 +343,17 @@ def dadapt_sgd(
         else:
             grads = jax.tree.map(_to, updates, state.grad_sum)
         num, sk_sq = _tree.tree_reduce_sum(
-            lambda g, s: (g * s + overflow_probe(jnp.square(g)), jnp.square((s + dlr * g).astype(s.dtype))),
+            lambda g, s: (g * s, jnp.square((s + dlr * g).astype(s.dtype))),
             grads, state.grad_sum, axis_name=axis_name,
         )
         numerator_weighted = state.numerator_weighted + dlr * num
         # lr == 0 or no gradient signal yet: the reference returns before changing anything
         active = (sk_sq > 0) & (lr > 0)
-        gate = Gate.of(jnp.isfinite(numerator_weighted) & jnp.isfinite(sk_sq) & lr_ok & hp_ok, active)
+        representable = fits(g_norm * g_norm, state.grad_sum)
+        gate = Gate.of(jnp.isfinite(numerator_weighted) & jnp.isfinite(sk_sq) & representable & lr_ok & hp_ok, active)
         d_new = _grow(d, _safe_div(2 * numerator_weighted, jnp.sqrt(sk_sq)), growth_rate, active)
-        grad_sum = jax.tree.map(lambda s, g: (s + gate.inc(dlr * g)).astype(s.dtype), state.grad_sum, grads)
+        dlr_t = gate.coef(dlr)
+        grad_sum = jax.tree.map(lambda s, g: (s + dlr_t * g).astype(s.dtype), state.grad_sum, gate.mask(grads))
         new_updates = jax.tree.map(
             lambda x0, s, p: ((1 - momentum) * ((x0 - p) - s)).astype(p.dtype), state.params0, grad_sum, params
         )
@@ -470,8 +473,9 @@ def dadapt_adagrad(
         gate = Gate.of(jnp.isfinite(gsq_weighted) & jnp.isfinite(sk_sq) & jnp.isfinite(sk_l1) & lr_ok & hp_ok,
                        active)
         d_new = _grow(d, _safe_div(sk_sq - gsq_weighted, sk_l1), growth_rate, active & (lr > 0))
-        alpha = jax.tree.map(lambda a, g: (a + gate.inc(jnp.square(g))).astype(a.dtype), state.alpha, grads)
-        grad_sum = jax.tree.map(lambda s, g: (s + gate.inc(dlr * g)).astype(s.dtype), state.grad_sum, grads)
+        grads, dlr_t = gate.mask(grads), gate.coef(dlr)
+        alpha = jax.tree.map(lambda a, g: (a + jnp.square(g)).astype(a.dtype), state.alpha, grads)
+        grad_sum = jax.tree.map(lambda s, g: (s + dlr_t * g).astype(s.dtype), state.grad_sum, grads)
         new_updates = jax.tree.map(
             lambda x0, s, a, p: ((1 - momentum) * ((x0 - p) - s / (jnp.sqrt(a) + eps))).astype(p.dtype),
             state.params0, grad_sum, alpha, params,
@@ -574,18 +578,19 @@ def dadapt_lion(
         dlr = d * lr
         grads = jax.tree.map(_to, updates, state.exp_avg)
         direction = jax.tree.map(lambda m, g: jnp.sign(b1 * m + (1 - b1) * g), state.exp_avg, grads)
-        # the probe (0 * g^2) is 0 for a representable g and NaN otherwise: sign() would hide an Inf
         num, sk_l1 = _tree.tree_reduce_sum(
-            lambda u, s, g: (u * s + overflow_probe(jnp.square(g)),
-                             jnp.abs((sb2 * s + ((1 - sb2) * dlr) * u).astype(s.dtype))),
-            direction, state.grad_sum, grads, axis_name=axis_name,
+            lambda u, s: (u * s, jnp.abs((sb2 * s + ((1 - sb2) * dlr) * u).astype(s.dtype))),
+            direction, state.grad_sum, axis_name=axis_name,
         )
+        # sign() hides an Inf gradient, so ||g||^2 decides finiteness (and overflow): one pass over g
+        representable = fits(_tree.tree_norm_sq(grads, axis_name), state.exp_avg)
         numerator_weighted = sb2 * state.numerator_weighted + (1 - sb2) * dlr * num
-        gate = Gate.of(jnp.isfinite(numerator_weighted) & jnp.isfinite(sk_l1) & lr_ok & hp_ok)
-        exp_avg = jax.tree.map(lambda m, g: (gate.decay(b2) * m + gate.inc(((1 - b2) * dlr) * g)).astype(m.dtype),
-                               state.exp_avg, grads)
-        grad_sum = jax.tree.map(lambda s, u: (gate.decay(sb2) * s + gate.inc(((1 - sb2) * dlr) * u)).astype(s.dtype),
-                                state.grad_sum, direction)
+        gate = Gate.of(jnp.isfinite(numerator_weighted) & jnp.isfinite(sk_l1) & representable & lr_ok & hp_ok)
+        dlr_t = gate.coef(dlr)
+        exp_avg = jax.tree.map(lambda m, g: (gate.decay(b2) * m + ((1 - b2) * dlr_t) * g).astype(m.dtype),
+                               state.exp_avg, gate.mask(grads))
+        grad_sum = jax.tree.map(lambda s, u: (gate.decay(sb2) * s + ((1 - sb2) * dlr_t) * u).astype(s.dtype),
+                                state.grad_sum, gate.mask(direction))
         # the reference updates x, m and s before it returns on ||s||_1 == 0; only n and d wait
         has_signal = sk_l1 > 0
         numerator_weighted = jnp.where(has_signal, numerator_weighted, state.numerator_weighted)

@@ -48,7 +48,7 @@ from optim._lrfree import (
     copy_to_state,
     is_static_zero,
     learning_rate_at,
-    overflow_probe,
+    fits,
     schedule_step,
 )
 
@@ -111,10 +111,6 @@ def _build(
     def sq(x):
         return jnp.square(_tree.to_acc(x))
 
-    def sq_probed(g):
-        # ||g||^2 in the accumulation dtype, NaN if g^2 overflows the state dtype (float32 at least)
-        return sq(g) + overflow_probe(jnp.square(g.astype(_tree.state_dtype(g.dtype))))
-
     def reduce(fn, *trees):
         if layerwise:
             return _tree.leaf_reduce_sum(fn, *trees, axis_name=axis_name)
@@ -145,9 +141,11 @@ def _build(
             grads = jax.tree.map(lambda g, p: (g.astype(_tree.state_dtype(g.dtype)) + weight_decay * p), grads, params)
         lr, lr_ok = learning_rate_at(learning_rate, schedule_step(state))
         dist = jax.tree.map(jnp.sqrt, reduce(lambda x, x0: sq(x.astype(x0.dtype) - x0), params, state.init_params))
-        grad_sq = reduce(sq_probed, grads)
+        grad_sq = reduce(sq, grads)
         step_ok = V.all_of(lr_ok, hp_ok)
-        finite = jax.tree.map(lambda n, r: V.all_of(jnp.isfinite(n) & jnp.isfinite(r), step_ok), grad_sq, dist)
+        # ||g||^2 representable in the state dtype (NaN/Inf fail too), ||x - x0|| finite (NaN params fail)
+        finite = jax.tree.map(lambda n, r: V.all_of(fits(n, state.init_params) & jnp.isfinite(r), step_ok),
+                              grad_sq, dist)
         gate = Gate.of(_tree.tree_all(finite))
         # where the step is not taken, dist and grad_sq count as 0: rbar and G (both >= 0) stay as they are
         dist, grad_sq = (jax.tree.map(lambda x, ok: jnp.where(ok, x, 0), t, finite) for t in (dist, grad_sq))

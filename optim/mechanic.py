@@ -28,7 +28,7 @@ import optax
 
 from optim import _tree
 from optim import _validate as V
-from optim._lrfree import Gate, check_init, check_update_args, commit, copy_to_state, overflow_probe
+from optim._lrfree import Gate, check_init, check_update_args, commit, copy_to_state, fits
 
 _M_INIT = 1e-6  # mechanic-pytorch's initial max_product: makes s > 0 after the first step
 
@@ -145,25 +145,22 @@ def mechanize(
         beta = jnp.asarray(betas, acc)
         s_sum = jnp.sum(state.s)
         g_sq, x_sq = _tree.tree_reduce_sum(
-            lambda x, g, x0: (jnp.square(g.astype(x0.dtype)), jnp.square(x.astype(x0.dtype))),
-            params, updates, state.x_ref, axis_name=axis_name
+            lambda x, g: (jnp.square(_tree.to_acc(g)), jnp.square(_tree.to_acc(x))), params, updates,
+            axis_name=axis_name
         )
         scale = s_sum + eps
         decay = (weight_decay * s_sum * jnp.sqrt(g_sq) / (jnp.sqrt(x_sq) + eps)).astype(acc)
 
-        # one pass over x - x_ref: <x - x_ref, g + decay x> (two sums sharing x - x_ref made XLA store it),
-        # with the probe of g^2 in the state dtype (a gradient whose square overflows is skipped)
-        def inner(x, x0, g):
-            g = g.astype(x0.dtype)
-            return (x - x0) * (g + decay * x) + overflow_probe(jnp.square(g))
-
-        h = _tree.tree_reduce_sum(inner, params, state.x_ref, updates, axis_name=axis_name) / scale
+        # one pass over x - x_ref: <x - x_ref, g + decay x> (two sums sharing x - x_ref made XLA store it)
+        h = _tree.tree_reduce_sum(
+            lambda x, x0, g: (x - x0) * (g + decay * x), params, state.x_ref, updates, axis_name=axis_name
+        ) / scale
         m = jnp.maximum(beta * state.m, jnp.abs(h))
         v = beta * beta * state.v + h * h
         r = jnp.maximum(0.0, beta * state.r - state.s * h)
         s = (s_init / n * m + r) / (jnp.sqrt(v) + eps)
         new_sum = jnp.sum(s)
-        gate = Gate.of(jnp.isfinite(h) & jnp.all(jnp.isfinite(s)) & hp_ok)
+        gate = Gate.of(jnp.isfinite(h) & jnp.all(jnp.isfinite(s)) & fits(g_sq, state.x_ref) & hp_ok)
 
         def step():
             base_updates, base_state = base.update(updates, state.base_state, params, **extra_args)

@@ -42,7 +42,7 @@ from optim._lrfree import (
     commit,
     is_static_zero,
     learning_rate_at,
-    overflow_probe,
+    fits,
     schedule_step,
 )
 
@@ -221,20 +221,17 @@ def prodigy(
         s_coef = ratio * (d if safeguard_warmup else dlr)
         v_coef = d * d * (1 - b2)
 
-        def stats(g, p, p0, v):
-            # <g, x0 - x>, plus 0 * (v's increment): NaN iff an increment is not representable in v
-            probe = overflow_probe((v_coef * jnp.square(g)).astype(v.dtype))
-            if slice_p == 1:
-                return sl(g) * (p0 - sl(p)) + probe
-            return sl(g) * (p0 - sl(p)), probe
-
-        sums = _tree.tree_reduce_sum(stats, grads, params, state.params0, state.exp_avg_sq, axis_name=axis_name)
-        num = sums if slice_p == 1 else sums[0] + sums[1]
+        num = _tree.tree_reduce_sum(lambda g, p, p0: sl(g) * (p0 - sl(p)), grads, params, state.params0,
+                                    axis_name=axis_name)
+        # ||g||^2 for the overflow test (v holds d^2 g^2), which also sees every entry when slice_p > 1:
+        # a separate pass, since any extra term in <g, x0 - x> costs more (XLA:CPU runs it as a fast dot)
+        representable = fits(_tree.tree_norm_sq(grads, axis_name), state.exp_avg_sq, v_coef)
         d_numerator = b3 * state.d_numerator + ratio * dlr * num
-        # every gradient entry enters the sums, so they decide finiteness before s is touched; lr == 0
-        # leaves everything as it is (the reference returns first)
-        gate = Gate.of(jnp.isfinite(d_numerator) & lr_ok & hp_ok, lr > 0)
-        grad_sum = jax.tree.map(lambda s, g: (gate.decay(b3) * s + gate.inc(s_coef * sl(g))).astype(s.dtype),
+        # lr == 0 leaves everything as it is (the reference returns first)
+        gate = Gate.of(jnp.isfinite(d_numerator) & representable & lr_ok & hp_ok, lr > 0)
+        grads = gate.mask(grads)
+        s_coef_t, v_coef_t, m_coef_t = gate.coef(s_coef), gate.coef(v_coef), gate.coef(d * (1 - b1))
+        grad_sum = jax.tree.map(lambda s, g: (gate.decay(b3) * s + s_coef_t * sl(g)).astype(s.dtype),
                                 state.grad_sum, grads)
         denom = _tree.tree_l1(grad_sum, axis_name)  # from the stored s: no second pass over g
 
@@ -245,11 +242,11 @@ def prodigy(
         d_new = jnp.where(denom > 0, jnp.minimum(d_max, d_new * growth_rate), d)
 
         exp_avg_sq = jax.tree.map(
-            lambda v_, g: (gate.decay(b2) * v_ + gate.inc(v_coef * jnp.square(g))).astype(v_.dtype),
+            lambda v_, g: (gate.decay(b2) * v_ + v_coef_t * jnp.square(g)).astype(v_.dtype),
             state.exp_avg_sq, grads,
         )
         if use_m:
-            exp_avg = jax.tree.map(lambda m, g: (gate.decay(b1) * m + gate.inc((d * (1 - b1)) * g)).astype(m.dtype),
+            exp_avg = jax.tree.map(lambda m, g: (gate.decay(b1) * m + m_coef_t * g).astype(m.dtype),
                                    state.exp_avg, grads)
             direction = exp_avg
             step = dlr

@@ -58,7 +58,7 @@ from optim._lrfree import (
     commit,
     is_static_zero,
     learning_rate_at,
-    overflow_probe,
+    fits,
     schedule_step,
 )
 
@@ -134,16 +134,14 @@ def _averaging_weight(state, lr, r, weight_lr_power):
 
 
 def _finite_gate(updates, skip_nonfinite: bool, axis_name, z, step_ok) -> Gate:
-    """Take the step iff the gradient is representable in the state (and lr, hyperparameters are valid).
+    """Take the step iff ``||g||^2`` is representable in the dtype of ``z`` (and lr, hyperparameters are valid).
 
-    The test sums ``0 * g^2`` in the dtype of ``z``: NaN iff an entry is NaN/Inf or its square
-    overflows (``|g| > 1.8e19`` in float32). Without the check only ``step_ok`` counts.
+    NaN/Inf gradients fail, and so does one whose squared norm overflows (``||g|| > 1.8e19``
+    for float32 ``z``). Without the check only ``step_ok`` counts.
     """
     if not skip_nonfinite:
         return Gate.of(step_ok)
-    probe = _tree.tree_reduce_sum(lambda g, zi: overflow_probe(jnp.square(g.astype(zi.dtype))), updates, z,
-                                  axis_name=axis_name)
-    return Gate.of(V.all_of(jnp.isfinite(probe), step_ok))
+    return Gate.of(V.all_of(fits(_tree.tree_norm_sq(updates, axis_name), z), step_ok))
 
 
 def _narrow(p, z) -> bool:
@@ -198,9 +196,9 @@ def _schedule_free_core(name, direction, init_inner, learning_rate, b1, r, weigh
         if not is_static_zero(warmup_steps):
             lr = lr * jnp.minimum((k + 1).astype(acc) / warmup_steps, 1)
         gate = _finite_gate(updates, skip_nonfinite, axis_name, state.z, V.all_of(lr_ok, hp_ok))
-        grads = jax.tree.map(lambda g, z: gate.inc(g.astype(z.dtype)), updates, state.z)
+        grads = gate.mask(jax.tree.map(lambda g, z: g.astype(z.dtype), updates, state.z))
         ghat, factor, inner = direction(grads, params, state.inner, k, gate)
-        ghat = gate.inc(ghat)  # weight decay at y would move z on a skipped step
+        ghat = gate.mask(ghat)  # weight decay at y would move z on a skipped step
         lr = jnp.where(gate.take, lr * factor, 0)  # a NaN lr of a skipped step must not reach z or the weights
         ckp1, lr_max, weight_sum = _averaging_weight(state, lr, r, weight_lr_power)
         z = jax.tree.map(lambda z, g: (z - lr * g).astype(z.dtype), state.z, ghat)
@@ -216,7 +214,8 @@ def _schedule_free_core(name, direction, init_inner, learning_rate, b1, r, weigh
             return (ckp1 * (z_old - y) + y_coef * (z_old - z_new)).astype(y.dtype)
 
         new_updates = jax.tree.map(y_step, params, state.z, z, state.x)
-        x = jax.tree.map(lambda x, zn: (x + gate.inc(ckp1 * (zn - x))).astype(x.dtype) if x.size else x, state.x, z)
+        c_t = gate.coef(ckp1)
+        x = jax.tree.map(lambda x, zn: (x + c_t * (zn - x)).astype(x.dtype) if x.size else x, state.x, z)
         stepped = ScheduleFreeState(k, state.num_nonfinite, state.b1, weight_sum, lr_max, z, inner, x)
         return commit(gate, new_updates, stepped, state, gated=("z", "inner", "x"))
 
