@@ -255,7 +255,7 @@ def finite_tree(owner: str, name: str, tree: Any) -> None:
     if any(is_traced(x) for _, x in leaves):
         return
     for path, leaf in leaves:
-        if not bool(np.all(np.isfinite(np.asarray(leaf, np.float64)))):
+        if not bool(np.all(np.isfinite(np.asarray(leaf)))):  # numpy (ml_dtypes) handles bfloat16 too
             raise ValueError(
                 f"`{name}{jax.tree_util.keystr(path)}` holds NaN or Inf at `optim.{owner}(...).init`. The "
                 "initial parameters are the optimizer's reference point (its distance and step-size estimates "
