@@ -76,8 +76,8 @@ class TrainState(NamedTuple):
     ema: losses.EMA
 
 
-def denoiser() -> Denoiser:
-    return Denoiser(unet_fn(UNet2D(CONFIG)), VPDiscrete.from_diffusers(SCHEDULER_CONFIG), "v")
+def denoiser(config: UNet2DConfig = CONFIG) -> Denoiser:
+    return Denoiser(unet_fn(UNet2D(config)), VPDiscrete.from_diffusers(SCHEDULER_CONFIG), "v")
 
 
 def optimizer(num_steps: int) -> optax.GradientTransformation:
@@ -89,21 +89,21 @@ def optimizer(num_steps: int) -> optax.GradientTransformation:
 
 
 @functools.lru_cache(maxsize=None)
-def _init_params(seed: int):
-    x = jnp.zeros((1,) + (CONFIG.sample_size, CONFIG.sample_size, CONFIG.in_channels), jnp.float32)
-    return UNet2D(CONFIG).init(jax.random.key(seed), x, jnp.zeros((1,)), jnp.zeros((1,), jnp.int32))
+def _init_params(seed: int, config: UNet2DConfig):
+    x = jnp.zeros((1,) + (config.sample_size, config.sample_size, config.in_channels), jnp.float32)
+    return UNet2D(config).init(jax.random.key(seed), x, jnp.zeros((1,)), jnp.zeros((1,), jnp.int32))
 
 
-def init_state(seed: int, num_steps: int) -> TrainState:
+def init_state(seed: int, num_steps: int, config: UNet2DConfig = CONFIG) -> TrainState:
     """The state before step 0: U-Net initialised from ``seed``, fresh optimizer state, EMA = parameters."""
-    params = _init_params(seed)
+    params = _init_params(seed, config)
     return TrainState(jnp.zeros((), jnp.int32), params, optimizer(num_steps).init(params), losses.ema_init(params))
 
 
 @functools.lru_cache(maxsize=None)
-def make_step(num_steps: int, batch_size: int, ema_decay: float = 0.999):
+def make_step(num_steps: int, batch_size: int, ema_decay: float = 0.999, config: UNet2DConfig = CONFIG):
     """The jitted training step ``(state, seed) -> (state, loss)``; its randomness is ``fold_in(seed, step)``."""
-    den, tx = denoiser(), optimizer(num_steps)
+    den, tx = denoiser(config), optimizer(num_steps)
     images, labels = (jnp.asarray(a) for a in digits_data("train"))
 
     def loss_fn(params, x0, y, key):
@@ -140,19 +140,31 @@ def train(
     checkpoint_every: int = 1000,
     stop_at: int | None = None,
     progress: bool = True,
+    config: UNet2DConfig = CONFIG,
 ) -> TrainState:
     """Train for ``num_steps`` (resuming from the newest checkpoint in ``checkpoint_dir`` if there is one).
 
-    ``stop_at`` ends the run early (after a checkpoint) without changing the schedule, to test resuming.
+    Args:
+        num_steps: length of the run (the learning-rate schedule's horizon).
+        batch_size: images per step, drawn with replacement from the "train" split.
+        seed: the initialisation and every step's randomness (``fold_in(key(seed), step)``).
+        checkpoint_dir: orbax checkpoints of the whole ``TrainState`` every ``checkpoint_every`` steps and at the
+            end; a run resumes from the newest one there.
+        stop_at: end the run early (after a checkpoint) without changing the schedule, e.g. to test resuming.
+        progress: show a tqdm bar.
+        config: the U-Net (default ``CONFIG``, the shipped model's); 8x8x1 images, ``NULL_LABEL + 1`` classes.
+
+    Returns:
+        The final ``TrainState``; ``state.ema.params`` are the weights to sample with.
     """
     import orbax.checkpoint as ocp
     from tqdm.auto import tqdm
 
-    state = init_state(seed, num_steps)
+    state = init_state(seed, num_steps, config)
     manager = checkpoint_manager(checkpoint_dir) if checkpoint_dir else None
     if manager is not None and manager.latest_step() is not None:
         state = manager.restore(manager.latest_step(), args=ocp.args.StandardRestore(state))
-    step = make_step(num_steps, batch_size)
+    step = make_step(num_steps, batch_size, config=config)
     end = num_steps if stop_at is None else min(stop_at, num_steps)
     start = int(state.step)
     with tqdm(total=end, initial=start, disable=not progress, desc="train digits", unit="step") as bar:
