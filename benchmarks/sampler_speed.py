@@ -1,18 +1,29 @@
-"""Sampler overhead and throughput: jaxdiff DPM-Solver++(2M) vs diffusers' scheduler loop in PyTorch.
+"""Sampler speed on a real model: jaxdiff against diffusers + PyTorch with the same weights, in one run.
 
-A flax MLP denoiser (width 512, 4 hidden layers, 64-dim data, batch 4096) on the 1000-step DDPM
-linear-beta table, sampled at 10 and 50 steps. Reported, in one process:
+Model: the shipped digits U-Net (``jd.pretrained.digits()``; PyTorch side
+``diffusers.UNet2DModel.from_pretrained`` on the same folder), class-conditional, fp32, a batch of B.
+Sampler: DPM-Solver++(2M) on the shipped scheduler config's grid (trailing spacing, final sigma = 0), as
+``diffusers.DPMSolverMultistepScheduler.from_config`` builds it; both sides start from the same x_T.
 
-(a) overhead = jitted sample time / (NFE x one jitted model call); target <= 1.10;
-(b) samples/s of jaxdiff vs the same network (same weights, copied to torch) driven by
-    ``diffusers.DPMSolverMultistepScheduler`` (PyTorch, CPU); target: faster.
+Peers, each at its best on the same threads (torch ``set_num_threads`` = XLA's CPU threads = all cores):
 
-    python -m benchmarks.sampler_speed [--quick]
+- ``jaxdiff``: ``jax.jit`` of the whole ``jd.sample`` loop;
+- ``bare scan``: ``jax.jit`` of a ``lax.scan`` of the same NFE model calls (x <- x + c_k * model(x, t_k)),
+  the floor any sampler pays; ``overhead = jaxdiff / bare scan`` (target <= 1.03 on CPU);
+- ``torch eager``: diffusers' scheduler loop under ``torch.inference_mode``;
+- ``torch.compile``: the same loop with ``torch.compile(unet)`` (reported, or the error if it fails).
+
+Steady-state times are medians of >= 10 interleaved repeats (order rotated each round) with the
+interquartile range; time to first sample (compilation included) is measured once per peer, separately.
+The final samples of jaxdiff and diffusers are compared (max abs difference).
+
+    python -m benchmarks.sampler_speed [--repeats 10] [--batch 64 256] [--nfe 10 20]
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import time
 
@@ -21,106 +32,124 @@ import jax.numpy as jnp
 import numpy as np
 
 import jaxdiff as jd
-from benchmarks.common import median_time, write_results
-from jaxdiff.nets import MLPDenoiser, as_model
-
-DIM, WIDTH, DEPTH, BATCH = 64, 512, 4, 4096
+from benchmarks.common import interleaved, spread, write_results
 
 
-def torch_twin(params, time_features: int):
-    """The same MLP in torch, with the flax weights."""
+def torch_peers(unet_dir, scheduler_config, x_T, labels, num_steps):
+    """diffusers' DPMSolverMultistepScheduler loop, eager and compiled; each returns the final sample."""
     import torch
+    from diffusers import DPMSolverMultistepScheduler, UNet2DModel
 
-    dense = params["params"]
-    layers = []
-    names = sorted(dense, key=lambda n: int(n.split("_")[1]))
-    for i, name in enumerate(names):
-        w, b = np.asarray(dense[name]["kernel"]), np.asarray(dense[name]["bias"])
-        lin = torch.nn.Linear(w.shape[0], w.shape[1])
-        with torch.no_grad():
-            lin.weight.copy_(torch.from_numpy(w.T.copy()))
-            lin.bias.copy_(torch.from_numpy(b.copy()))
-        layers += [lin] + ([torch.nn.SiLU()] if i < len(names) - 1 else [])
-    net = torch.nn.Sequential(*layers)
-    freqs = torch.tensor(2.0 ** np.arange(time_features // 2), dtype=torch.float32)
+    unet = UNet2DModel.from_pretrained(unet_dir).eval()
+    sched = DPMSolverMultistepScheduler.from_config(scheduler_config)
+    x0 = torch.from_numpy(np.asarray(x_T).transpose(0, 3, 1, 2).copy())
+    y = torch.from_numpy(np.asarray(labels).astype(np.int64))
 
-    def model(x, t):
-        angles = torch.log1p(torch.abs(torch.as_tensor(float(t)))) * freqs
-        emb = torch.cat([torch.sin(angles), torch.cos(angles)]).expand(x.shape[0], time_features)
-        return net(torch.cat([x, emb], dim=1))
+    def loop(net):
+        def run():
+            sched.set_timesteps(num_steps)
+            x = x0
+            with torch.inference_mode():
+                for t in sched.timesteps:
+                    x = sched.step(net(x, t, class_labels=y).sample, t, x).prev_sample
+            return x.numpy().transpose(0, 2, 3, 1)
 
-    return model
+        return run
+
+    peers = {"torch eager": loop(unet)}
+    try:
+        peers["torch.compile"] = loop(torch.compile(unet))
+    except Exception as e:  # noqa: BLE001 - reported, not fatal
+        peers["torch.compile"] = e
+    return peers
 
 
-def run_diffusers(model, betas, num_steps, x_T):
-    import torch
-    from diffusers import DPMSolverMultistepScheduler
+def jax_peers(den, variables, x_T, labels, num_steps):
+    solver = jd.DPMSolverPP(order=2)
+    ts = jd.timesteps(den.schedule, num_steps, "trailing", final="zero")
+    args = jd.pretrained.digits_args(variables, labels)
+    sample = jax.jit(lambda x, a: jd.sample(den, x, ts, solver, args=a))
+    t_model = den.schedule.model_time(ts[:-1])
+    coef = jnp.linspace(-0.1, -0.01, num_steps, dtype=x_T.dtype)
 
-    sched = DPMSolverMultistepScheduler(num_train_timesteps=len(betas), trained_betas=betas, solver_order=2,
-                                        algorithm_type="dpmsolver++", timestep_spacing="linspace")
-    sched.set_timesteps(num_steps)
-    x = torch.from_numpy(np.array(x_T))
-    with torch.no_grad():
-        for t in sched.timesteps:
-            x = sched.step(model(x, t), t, x).prev_sample
-    return x
+    def bare_body(x, tc):
+        t, c = tc
+        return x + c * den.fn(x, t, args), None
+
+    bare = jax.jit(lambda x, a: jax.lax.scan(bare_body, x, (t_model, coef))[0])
+    return {"jaxdiff": lambda: np.asarray(sample(x_T, args).block_until_ready()),
+            "bare scan": lambda: np.asarray(bare(x_T, args).block_until_ready())}
+
+
+def first_call(fn):
+    start = time.perf_counter()
+    out = fn()
+    return out, time.perf_counter() - start
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser()
-    parser.add_argument("--quick", action="store_true", help="fewer repeats")
-    parser.add_argument("--name", default="sampler_speed", help="result file name")
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--repeats", type=int, default=10)
+    parser.add_argument("--batch", type=int, nargs="+", default=[64, 256])
+    parser.add_argument("--nfe", type=int, nargs="+", default=[10, 20])
+    parser.add_argument("--no-torch", action="store_true", help="jaxdiff and the bare scan only (e.g. on a GPU image)")
+    parser.add_argument("--name", default="sampler_speed")
     opts = parser.parse_args(argv)
-    repeats = 2 if opts.quick else 5
 
-    betas = np.linspace(1e-4, 0.02, 1000, dtype=np.float32)
-    schedule = jd.VPDiscrete(betas)
-    module = MLPDenoiser(width=WIDTH, depth=DEPTH)
-    params = module.init(jax.random.key(0), jnp.zeros((1, DIM)), 0.0)
-    den = jd.Denoiser(as_model(module), schedule, "epsilon")
-    x_T = jax.random.normal(jax.random.key(1), (BATCH, DIM), jnp.float32)
-
-    model_call = jax.jit(lambda x, p: module.apply(p, x, 500.0))
-    t_model = median_time(lambda: model_call(x_T, params).block_until_ready(), repeats=repeats * 4)
-
-    try:
-        import diffusers  # noqa: F401
+    threads = os.cpu_count() or 1
+    torch = None
+    if not opts.no_torch:
         import torch
-    except ImportError:  # e.g. on an accelerator image without the references: jaxdiff's numbers only
-        torch = None
-    if torch is not None:
-        torch.set_num_threads(os.cpu_count() or 1)
-        twin = torch_twin(params, module.time_features)
-    rows, record = [], {"model_call_s": t_model, "runs": []}
-    for n in (10, 50):
-        ts = jd.timesteps(schedule, n, "linspace")
-        run = jax.jit(lambda x, p: jd.sample(den, x, ts, jd.DPMSolverPP(order=2), args=p))
-        start = time.perf_counter()
-        run(x_T, params).block_until_ready()
-        compile_s = time.perf_counter() - start
-        t_jax = median_time(lambda: run(x_T, params).block_until_ready(), repeats=repeats)
-        overhead = t_jax / (jd.nfe(jd.DPMSolverPP(order=2), ts) * t_model)
-        row = {
-            "steps": n,
-            "NFE": jd.nfe(jd.DPMSolverPP(order=2), ts),
-            "jaxdiff s": t_jax,
-            "overhead vs NFE x model": overhead,
-            "samples/s jaxdiff": BATCH / t_jax,
-            "compile s": compile_s,
-        }
-        if torch is not None:
-            t_torch = median_time(lambda: run_diffusers(twin, betas, n, x_T), repeats=max(1, repeats // 2))
-            theirs = run_diffusers(twin, betas, n, x_T).numpy()
-            row.update({
-                "diffusers+torch s": t_torch,
-                "samples/s diffusers": BATCH / t_torch,
-                "speedup": t_torch / t_jax,
-                "max |ours - diffusers|": float(np.max(np.abs(np.asarray(run(x_T, params)) - theirs))),
-            })
-        rows.append(row)
-        record["runs"].append(row)
-    md = write_results(opts.name, record, rows, "Sampler speed: DPM-Solver++(2M), flax MLP 512x4, batch 4096, dim 64",
-                       notes=f"One jitted model call: {t_model * 1e3:.2f} ms. Targets: overhead <= 1.10; faster than diffusers.")
+
+        torch.set_num_threads(threads)
+    den, variables = jd.pretrained.digits()
+    with open(jd.pretrained.DIGITS_UNET_DIR / "scheduler_config.json") as f:
+        scheduler_config = json.load(f)
+    rows, record = [], {"threads": threads, "runs": []}
+    for batch in opts.batch:
+        labels = np.arange(batch) % 10
+        x_T = jax.random.normal(jax.random.key(batch), (batch, 8, 8, 1), jnp.float32)
+        for nfe in opts.nfe:
+            fns = jax_peers(den, variables, x_T, labels, nfe)
+            if torch is not None:
+                fns |= torch_peers(str(jd.pretrained.DIGITS_UNET_DIR), scheduler_config, x_T, labels, nfe)
+            errors = {k: repr(v) for k, v in fns.items() if isinstance(v, Exception)}
+            fns = {k: v for k, v in fns.items() if not isinstance(v, Exception)}
+            first, outs = {}, {}
+            for name, fn in fns.items():
+                outs[name], first[name] = first_call(fn)
+            try:
+                times = interleaved(fns, opts.repeats)
+            except Exception as e:  # noqa: BLE001 - e.g. torch.compile failing at run time
+                raise RuntimeError(f"timing failed at batch {batch}, NFE {nfe}") from e
+            stats = {name: spread(ts) for name, ts in times.items()}
+            med = {name: s["median"] for name, s in stats.items()}
+            row = {
+                "batch": batch,
+                "NFE": nfe,
+                **{f"{name} ms": 1e3 * med[name] for name in med},
+                "overhead (jaxdiff / bare scan)": med["jaxdiff"] / med["bare scan"],
+            }
+            for peer in ("torch eager", "torch.compile"):
+                if peer in med:
+                    row[f"{peer} / jaxdiff"] = med[peer] / med["jaxdiff"]
+            if "torch eager" in outs:
+                row["max |jaxdiff - diffusers|"] = float(np.max(np.abs(outs["jaxdiff"] - outs["torch eager"])))
+            rows.append(row)
+            record["runs"].append({"batch": batch, "nfe": nfe, "stats_s": stats, "first_call_s": first,
+                                   "errors": errors, "row": row})
+            print(row, {k: round(v, 2) for k, v in first.items()}, errors, flush=True)
+    first_rows = [{"batch": r["batch"], "NFE": r["nfe"], **{f"{k} s": v for k, v in r["first_call_s"].items()}}
+                  for r in record["runs"]]
+    notes = (f"Threads: {threads} on both sides. Medians of {opts.repeats} interleaved repeats; the JSON has the "
+             "quartiles. Time to first sample (compile included):\n\n"
+             + "\n".join(f"- batch {r['batch']}, NFE {r['NFE']}: " + ", ".join(f"{k} {v:.2f}" for k, v in r.items()
+                                                                               if k.endswith(" s"))
+                         for r in first_rows))
+    if any(r["errors"] for r in record["runs"]):
+        notes += "\n\nErrors: " + "; ".join(f"{k}: {v}" for r in record["runs"] for k, v in r["errors"].items())
+    md = write_results(opts.name, record, rows, "Sampler speed on the digits U-Net: jaxdiff vs diffusers + PyTorch",
+                       notes=notes)
     print(md)
 
 
