@@ -19,9 +19,10 @@ import jax
 import jax.numpy as jnp
 
 import jaxdiff as jd
+from benchmarks import common
 from jaxdiff.adjoint import AdjointDPM, Backprop
 
-RESULTS = pathlib.Path(__file__).parent / "results"
+RESULTS = pathlib.Path(common.RESULTS)
 
 
 class MLP(nn.Module):

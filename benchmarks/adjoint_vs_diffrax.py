@@ -38,9 +38,10 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
 import jaxdiff as jd  # noqa: E402
+from benchmarks import common  # noqa: E402
 from jaxdiff.adjoint import _FORMS, AdjointDPM, Backprop  # noqa: E402
 
-RESULTS = pathlib.Path(__file__).parent / "results"
+RESULTS = pathlib.Path(common.RESULTS)
 S = jd.VPCosine()
 T0, T1 = 0.9, 1e-3
 GD = jd.testing.GaussianData(jnp.linspace(-1.0, 1.0, 8), jnp.linspace(0.5, 1.5, 8))

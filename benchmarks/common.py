@@ -9,7 +9,8 @@ import time
 
 import jax
 
-RESULTS = os.path.join(os.path.dirname(__file__), "results")
+# the committed results; `make bench` (quick smoke runs) redirects them with JAXDIFF_BENCH_RESULTS
+RESULTS = os.environ.get("JAXDIFF_BENCH_RESULTS") or os.path.join(os.path.dirname(__file__), "results")
 
 
 def median_time(fn, repeats: int = 5, warmup: int = 1) -> float:

@@ -17,7 +17,7 @@ Steady-state times are medians of >= 10 interleaved repeats (order rotated each 
 interquartile range; time to first sample (compilation included) is measured once per peer, separately.
 The final samples of jaxdiff and diffusers are compared (max abs difference).
 
-    python -m benchmarks.sampler_speed [--repeats 10] [--batch 64 256] [--nfe 10 20]
+    python -m benchmarks.sampler_speed [--repeats 10] [--batch 64 256] [--nfe 10 20] [--quick] [--no-torch]
 """
 
 from __future__ import annotations
@@ -93,8 +93,11 @@ def main(argv=None):
     parser.add_argument("--batch", type=int, nargs="+", default=[64, 256])
     parser.add_argument("--nfe", type=int, nargs="+", default=[10, 20])
     parser.add_argument("--no-torch", action="store_true", help="jaxdiff and the bare scan only (e.g. on a GPU image)")
+    parser.add_argument("--quick", action="store_true", help="3 repeats, batch 64, NFE 10 (a smoke run)")
     parser.add_argument("--name", default="sampler_speed")
     opts = parser.parse_args(argv)
+    if opts.quick:
+        opts.repeats, opts.batch, opts.nfe = 3, [64], [10]
 
     threads = os.cpu_count() or 1
     torch = None
