@@ -11,6 +11,7 @@ from jaxdiff import hub, nets
 from jaxdiff import metrics, pretrained
 from jaxdiff.hub import load_diffusers, save_diffusers
 from jaxdiff.adjoint import AdjointDPM, Backprop
+from jaxdiff._checks import check_grid
 from jaxdiff.models import CFG, PREDICTIONS, Denoiser, DynamicThreshold
 from jaxdiff.sample import integrate, nfe, sample
 from jaxdiff.schedules import EDM, VE, RectifiedFlow, Schedule, VPCosine, VPDiscrete, VPLinear

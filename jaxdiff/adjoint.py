@@ -10,7 +10,7 @@ memory for recomputation with nested ``jax.checkpoint`` scans. ``AdjointDPM`` so
 of the probability-flow ODE backwards with an exponential multistep integrator in lambda
 (optimise-then-discretise): memory independent of the number of steps, gradients approximate to
 the order of the scheme (a predictor-corrector raises it by one for one extra VJP). Gradients
-flow to ``x_T`` and to every leaf of ``args``.
+flow to ``x_T``, to every floating leaf of ``args`` and to the guidance scale and threshold.
 """
 
 from __future__ import annotations
@@ -23,6 +23,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jaxdiff import _checks
 from jaxdiff.models import Denoiser
 from jaxdiff.sample import integrate
 from jaxdiff.solvers.base import Solver
@@ -157,14 +158,21 @@ def adams_weights(lam, order: int, q: float, implicit: bool = False):
     m = lam.shape[0]
     i = np.arange(1, m)
     first = i - 1 if implicit else i
-    h = lam[i - 1] - lam[i]
+    # A step into pure noise (lam = -inf, only from point 1 into point 0) integrates over an infinite interval.
+    # Its limit: the integrand e^{q lam} P decays like e^{lam - lam_i} beyond the last point (alpha -> 0 like
+    # e^lam), so int_{lam_i}^{-inf} = -e^{q lam_i} times the value at point i: a first-order row, which is exact
+    # for q = 1 and a constant P. Computed with finite stand-ins, then selected.
+    into_noise = jnp.isneginf(lam[i - 1])
+    lam_prev = jnp.where(into_noise, lam[i] - 1.0, lam[i - 1])
+    h = lam_prev - lam[i]
     z = q * h
     mom = jnp.stack([math.factorial(k) * _phi(k + 1, -z) for k in range(order)], axis=1)
-    mom = (jnp.exp(q * lam[i - 1]) * h)[:, None] * mom  # (M-1, order): int e^{q lam} tau^k, tau = (lam - lam_i)/h
+    mom = (jnp.exp(q * lam_prev) * h)[:, None] * mom  # (M-1, order): int e^{q lam} tau^k, tau = (lam - lam_i)/h
     rows = []
     for p in range(1, order + 1):
         nodes = first[:, None] + np.arange(p)[None, :]
-        tau = (lam[np.minimum(nodes, m - 1)] - lam[i][:, None]) / h[:, None]
+        lam_nodes = lam[np.minimum(nodes, m - 1)]
+        tau = (jnp.where(jnp.isfinite(lam_nodes), lam_nodes, lam_prev[:, None]) - lam[i][:, None]) / h[:, None]
         tau = jnp.where(jnp.asarray(nodes < m), tau, 2.0 + np.arange(p))  # unused rows: distinct nodes
         vander = tau[:, :, None] ** np.arange(p)[None, None, :]  # (M-1, p nodes, p powers)
         w = jnp.linalg.solve(jnp.swapaxes(vander, 1, 2), mom[:, :p, None])[..., 0]
@@ -173,6 +181,8 @@ def adams_weights(lam, order: int, q: float, implicit: bool = False):
     w = rows[0]
     for p in range(2, order + 1):
         w = jnp.where(jnp.asarray(avail == p)[:, None], rows[p - 1], w)
+    limit = jnp.zeros_like(w).at[:, 1 if implicit else 0].set(-jnp.exp(q * lam[i]))
+    w = jnp.where(into_noise[:, None], limit, w)
     w = jnp.concatenate([jnp.zeros((1, order), w.dtype), w])
     return w, _totals(w, np.ones(m, bool), implicit)
 
@@ -183,6 +193,7 @@ def _totals(w, use, implicit: bool):
     total = jnp.zeros((m,), w.dtype)
     shift = -1 if implicit else 0
     ws = jnp.where(jnp.asarray(use)[:, None], w, 0.0)
+    ws = jnp.where(jnp.isfinite(ws), ws, 0.0)  # rows a step never takes (e.g. a corrector into pure noise)
     for j in range(order):
         # the step from point s uses point s + shift + j with weight W[s, j]
         lo, hi = max(1, -shift - j), min(m, m - shift - j)
@@ -197,12 +208,38 @@ def _zero_cotangent(tree):
     )
 
 
-def _ends_at_zero(ts) -> bool:
-    """Whether the grid ends at t = 0 (sigma = 0 for every schedule); a traced grid is assumed not to."""
-    try:
-        return float(np.asarray(ts)[-1]) == 0.0
-    except jax.errors.TracerArrayConversionError:
-        return False
+def _is_primal(v) -> bool:
+    return isinstance(v, jax.custom_derivatives.CustomVJPPrimal)
+
+
+def _unwrap(tree):
+    """(values, perturbed flags) of a tree of ``CustomVJPPrimal`` leaves (``symbolic_zeros=True``)."""
+    values = jax.tree.map(lambda p: p.value, tree, is_leaf=_is_primal)
+    perturbed = jax.tree.map(lambda p: p.perturbed, tree, is_leaf=_is_primal)
+    return values, perturbed
+
+
+def _dlog_sigma_dlam(schedule, t):
+    """d log sigma / d lambda at t, for any schedule: alpha sigma' / (sigma alpha' - alpha sigma').
+
+    -alpha^2 for VP schedules (sigma^2 = 1 - alpha^2), -1 for VE/EDM, -alpha for RectifiedFlow; 0 at alpha = 0.
+    """
+    alpha, sigma = schedule.alpha(t), schedule.sigma(t)
+    d_alpha, d_sigma = jax.jvp(lambda u: (schedule.alpha(u), schedule.sigma(u)), (t,), (jnp.ones_like(t),))[1]
+    return alpha * d_sigma / (sigma * d_alpha - alpha * d_sigma)
+
+
+def _split_inexact(tree):
+    """(inexact leaves, rebuild(inexact leaves) -> tree): integer leaves (labels) are held fixed."""
+    leaves, treedef = jax.tree.flatten(tree)
+    mask = [jnp.issubdtype(jnp.result_type(leaf), jnp.inexact) for leaf in leaves]
+    inexact = [leaf for leaf, m in zip(leaves, mask) if m]
+
+    def rebuild(new):
+        it = iter(new)
+        return jax.tree.unflatten(treedef, [next(it) if m else leaf for leaf, m in zip(leaves, mask)])
+
+    return inexact, rebuild
 
 
 @dataclasses.dataclass(frozen=True)
@@ -212,9 +249,10 @@ class AdjointDPM:
     A ``jax.custom_vjp`` around the deterministic solve ``x_T -> x_0`` (Pan et al., 2024, AdjointDPM,
     arXiv:2307.10711; Blasingame & Liu, 2024, AdjointDEIS, arXiv:2405.15020). The forward pass is any
     deterministic jaxdiff solver. In lambda = log(alpha/sigma) the probability-flow ODE and its
-    adjoint read, with D the data prediction,
+    adjoint read, with D the data prediction and kappa = dlog sigma/dlam (-alpha^2 for VP schedules,
+    -1 for VE/EDM, -alpha for RectifiedFlow; computed from the schedule's derivatives for any schedule),
 
-        dx/dlam = -alpha^2 x + alpha D(x),   da_x/dlam = alpha^2 a_x - alpha J_D^T a_x,   da_args/dlam = -alpha (dD/dargs)^T a_x.
+        dx/dlam = kappa x + alpha D(x),   da_x/dlam = -kappa a_x - alpha J_D^T a_x,   da_args/dlam = -alpha (dD/dargs)^T a_x.
 
     The backward pass starts from x_0 and dL/dx_0 and runs to the noise end: x is rebuilt as
     u = x / sigma with the exponential multistep step of DPM-Solver++ (du/dlam = e^lam D), and the
@@ -281,8 +319,18 @@ class AdjointDPM:
 
     Grids that end at sigma = 0 (``final="zero"``): the last step is then the first-order step
     x_0 = alpha_0 D(x_{N-1}) in every solver; its exact VJP is used, and the forward pass keeps
-    x_{N-1} (by returning the forward trajectory internally). Gradients flow to ``x_T`` and every
-    inexact leaf of ``args``, not to the schedule or the grid.
+    x_{N-1} (by returning the forward trajectory internally).
+
+    Grids that start at pure noise (alpha = 0: ``RectifiedFlow`` or ``VPCosine`` at t = 1): the last backward
+    step, into lambda = -inf, is the limit of the Adams rows (the integrands vanish like alpha ~ e^lambda,
+    which makes the step first order in e^lambda) and is not corrected. Forms ``"exponential"`` and
+    ``"noise"`` divide by alpha(ts[0]) and are refused there (and lose digits near it).
+
+    What is differentiated: ``x_T``, every floating leaf of ``args`` (integer leaves such as class labels get
+    a zero ``float0`` cotangent) and the array leaves of the guidance and threshold (the CFG scale, the
+    threshold's ``max_value``), which enter the ODE only through D. The schedule's parameters and the grid
+    also set the ODE's coefficients and its interval: a gradient that asks for them raises a ``ValueError``
+    at trace time (use ``Backprop``), and ``ts`` must be concrete (closed over, not a ``jax.jit`` argument).
 
     Example:
         >>> loss = lambda x, a: jnp.sum(jd.sample(den, x, ts, jd.UniPC(order=3), args=a, adjoint=AdjointDPM()) ** 2)  # doctest: +SKIP
@@ -296,14 +344,14 @@ class AdjointDPM:
     corrector: bool | None = None
 
     def __post_init__(self):
-        if self.order not in (None, 1, 2, 3):
-            raise ValueError(f"`order={self.order!r}` is not supported by `AdjointDPM`; use 1, 2, 3 or None (match the solver).")
-        if not isinstance(self.substeps, (int, np.integer)) or isinstance(self.substeps, bool) or self.substeps < 1:
-            raise ValueError(f"`substeps={self.substeps!r}` must be a positive int (backward steps per forward step).")
-        if self.form not in _FORMS:
-            raise ValueError(f"Unknown `form={self.form!r}`; expected one of {_FORMS}.")
-        if self.corrector is not None and not isinstance(self.corrector, bool):
-            raise ValueError(f"`corrector={self.corrector!r}` must be True, False or None (match the solver).")
+        if self.order is not None:
+            _checks.static_int("order", self.order, allowed=(1, 2, 3),
+                               hint="The Adams-Bashforth order of the backward pass; None matches the solver.")
+        _checks.static_int("substeps", self.substeps, minimum=1, hint="Backward steps per forward step.")
+        _checks.choice("form", self.form, tuple(_FORMS))
+        if self.corrector is not None:
+            _checks.static_bool("corrector", self.corrector, hint="Or None (match the solver).")
+        _checks.static_bool("store_trajectory", self.store_trajectory)
 
     def for_solver(self, solver: Solver) -> "AdjointDPM":
         """Fill ``order``/``corrector`` left as None from the forward solver (see the class docstring)."""
@@ -313,7 +361,7 @@ class AdjointDPM:
             corrector = isinstance(solver, UniPC) and solver.use_corrector
         return dataclasses.replace(self, order=order, corrector=corrector)
 
-    def _check(self, x_T, solver, args):
+    def _check(self, den, x_T, ts, solver):
         if solver.stochastic:
             raise ValueError(
                 f"`adjoint=AdjointDPM(...)` solves the adjoint of the probability-flow ODE, but "
@@ -328,52 +376,79 @@ class AdjointDPM:
             )
         if not jnp.issubdtype(jnp.result_type(x_T), jnp.inexact):
             raise ValueError(f"`x_T` must be a floating-point array for `AdjointDPM`, got dtype {jnp.result_type(x_T)}.")
-        for path, leaf in jax.tree_util.tree_leaves_with_path(args):
-            if not jnp.issubdtype(jnp.result_type(leaf), jnp.inexact):
-                raise ValueError(
-                    f"`args{jax.tree_util.keystr(path)}` has dtype {jnp.result_type(leaf)}; `AdjointDPM` differentiates "
-                    "every leaf of `args`, so all must be floating point. Close over integer data (labels, "
-                    "indices) in the model function instead of passing it in `args`, or use `adjoint=Backprop(...)`."
-                )
+        grid = _checks.concrete(ts)
+        if grid is None:
+            raise ValueError(
+                "`adjoint=AdjointDPM(...)` builds its backward pass from the values of `ts` (its lambda grid, and "
+                "whether the last step goes into sigma = 0, which it differentiates exactly), but `ts` is traced "
+                "here (a `jax.jit` argument, or differentiated). Close over a concrete grid instead, e.g. "
+                "`jax.jit(lambda x, a: jd.sample(den, x, ts, solver, args=a, adjoint=AdjointDPM()))`; for gradients "
+                "with respect to the times use `adjoint=Backprop(...)`."
+            )
+        alpha0 = _checks.eager(lambda: den.schedule.alpha(ts[0]))
+        if alpha0 is not None and alpha0 == 0 and self.form in ("exponential", "noise"):
+            raise ValueError(
+                f"`AdjointDPM(form={self.form!r})` scales the adjoint by alpha, which is 0 at `ts[0]` (pure noise), "
+                "so the gradient with respect to `x_T` would be 0/0. Use `form='lambda'` (default) or `form='data'`."
+            )
 
     def loop(self, denoiser: Denoiser, x_T, ts, solver: Solver, *, args: Any = None, key=None, return_trajectory: bool = False):
         del key  # deterministic solvers only
-        self._check(x_T, solver, args)
         if self.order is None or self.corrector is None:
             return self.for_solver(solver).loop(denoiser, x_T, ts, solver, args=args, return_trajectory=return_trajectory)
-        zero_end = _ends_at_zero(ts)
+        self._check(denoiser, x_T, ts, solver)
+        zero_end = float(np.asarray(ts)[-1]) == 0.0
         ts = jnp.asarray(ts, dtype=jnp.result_type(ts, float))
         keep_traj = return_trajectory or self.store_trajectory or zero_end
+        # the denoiser's own array leaves: the schedule (not differentiated: the ODE's coefficients depend on it)
+        # and guidance/threshold (enter only through the data prediction D, like `args`)
+        sched, mods = denoiser.schedule, (denoiser.guidance, denoiser.threshold)
 
-        def forward(den, x, a, grid):
-            out = integrate(den, x, grid, solver, args=a, return_trajectory=keep_traj)
+        def rebuild(sc, md):
+            return denoiser.replace(schedule=sc, guidance=md[0], threshold=md[1])
+
+        def forward(sc, md, x, a):
+            out = integrate(rebuild(sc, md), x, ts, solver, args=a, return_trajectory=keep_traj)
             return out if keep_traj else (out, None)
 
         @jax.custom_vjp
-        def solve(den, x, a, grid):
-            x0, traj = forward(den, x, a, grid)
+        def solve(sc, md, x, a):
+            x0, traj = forward(sc, md, x, a)
             return (x0, traj) if return_trajectory else x0
 
-        def solve_fwd(den, x, a, grid):
-            x0, traj = forward(den, x, a, grid)
+        def solve_fwd(sc, md, x, a):
+            (sc, sc_pert), (md, _), (x, _), (a, _) = (_unwrap(v) for v in (sc, md, x, a))
+            if any(jax.tree.leaves(sc_pert)):
+                raise ValueError(
+                    "`adjoint=AdjointDPM(...)` gives gradients with respect to `x_T`, `args` and the guidance/threshold "
+                    f"parameters, but this gradient also asks for the schedule's parameters ({type(sc).__name__}), "
+                    "which set the ODE's coefficients and its lambda grid. Use `adjoint=Backprop(...)` for those, or "
+                    "stop their gradient (`jax.lax.stop_gradient`)."
+                )
+            x0, traj = forward(sc, md, x, a)
             if self.store_trajectory:
                 saved = traj
             elif zero_end:
                 saved = traj[-2]
             else:
                 saved = None
-            return ((x0, traj) if return_trajectory else x0), (den, a, grid, x0, saved)
+            return ((x0, traj) if return_trajectory else x0), (sc, md, a, x0, saved)
 
         def solve_bwd(res, g):
-            den, a, grid, x0, saved = res
+            sc, md, a, x0, saved = res
             g_x0, g_traj = g if return_trajectory else (g, None)
-            g_x, g_a = self._backward(den, a, grid, x0, saved, g_x0, g_traj, zero_end)
-            return _zero_cotangent(den), g_x, g_a, _zero_cotangent(grid)
+            if isinstance(g_x0, jax.custom_derivatives.SymbolicZero):
+                g_x0 = jnp.zeros(g_x0.shape, g_x0.dtype)
+            if isinstance(g_traj, jax.custom_derivatives.SymbolicZero):
+                g_traj = None
+            g_x, g_a, g_md = self._backward(rebuild(sc, md), a, ts, x0, saved, g_x0, g_traj, zero_end)
+            return _zero_cotangent(sc), g_md, g_x, g_a
 
-        solve.defvjp(solve_fwd, solve_bwd)
-        return solve(denoiser, x_T, args, ts)
+        solve.defvjp(solve_fwd, solve_bwd, symbolic_zeros=True)
+        return solve(sched, mods, x_T, args)
 
     def _backward(self, den: Denoiser, args, ts, x0, saved, g_x0, g_traj, zero_end: bool):
+        """(dL/dx_T, dL/dargs, dL/d(guidance, threshold)) by the backward sweep (see the class docstring)."""
         sched = den.schedule
         dtype = x0.dtype
         scale_name, q = _FORMS[self.form]
@@ -381,6 +456,14 @@ class AdjointDPM:
         coarse_ts = ts[: n_coarse + 1]
         s = self.substeps
         m = n_coarse * s + 1  # backward grid points
+
+        # D's differentiable inputs: the inexact leaves of args and of the guidance/threshold (integer leaves,
+        # e.g. class labels, are held fixed and get a zero cotangent)
+        params, rebuild = _split_inexact((args, (den.guidance, den.threshold)))
+
+        def data_pred(x, t, p):
+            a, (guidance, threshold) = rebuild(p)
+            return den.replace(guidance=guidance, threshold=threshold).x0(x, t, a).astype(dtype)
 
         lam_c = sched.lambda_(coarse_ts)
         if s == 1:
@@ -391,24 +474,33 @@ class AdjointDPM:
             t_f = sched.t_of_lambda(lam_f).at[::s].set(coarse_ts)
         log_a, log_s = sched.log_alpha(t_f), sched.log_sigma(t_f)
         alpha, sigma = jnp.exp(log_a), jnp.exp(log_s)
-        # b = E a_x obeys db/dlam = c b - alpha J_D^T b with c = dlog E/dlam + alpha^2 (dlog sigma/dlam = -alpha^2,
-        # dlog alpha/dlam = sigma^2); the scheme integrates e^{q lam} G with G = e^{-q lam} (c b - alpha J_D^T b).
-        big_e, c = {"sigma": (sigma, 0.0 * alpha), "alpha": (alpha, jnp.ones_like(alpha)), "one": (jnp.ones_like(alpha), alpha**2)}[scale_name]
+        # The ODE is dx/dlam = kappa x + alpha D with kappa = dlog sigma/dlam (-alpha^2 for VP, -1 for VE/EDM,
+        # -alpha for RectifiedFlow), so b = E a_x obeys db/dlam = c b - alpha J_D^T b with c = dlog E/dlam - kappa:
+        # c = -kappa (E = 1), 1 (E = alpha; dlog alpha/dlam - kappa = 1 for every schedule), 0 (E = sigma).
+        # The scheme integrates e^{q lam} G with G = e^{-q lam} (c b - alpha J_D^T b).
+        big_e, c = {
+            "sigma": (sigma, jnp.zeros_like(alpha)),
+            "alpha": (alpha, jnp.ones_like(alpha)),
+            "one": (jnp.ones_like(alpha), -_dlog_sigma_dlam(sched, t_f)),
+        }[scale_name]
         k = self.order
         corr = self.corrector
         wx, _ = adams_weights(lam_f, k, 1.0)  # x is rebuilt as u = x / sigma (DPM-Solver++ multistep)
         wa, total_ab = adams_weights(lam_f, k, q)
-        damp = jnp.exp(-q * lam_f)
+        # at pure noise (lam = -inf: a grid from alpha = 0) e^{-q lam} is replaced by 0: that point's values
+        # only enter the (disabled) corrector of the step into it
+        finite = jnp.isfinite(lam_f)
+        damp = jnp.where(finite, jnp.exp(-q * jnp.where(finite, lam_f, 0.0)), 0.0)
         cast = lambda v: v.astype(dtype)  # noqa: E731
 
-        a_args = jax.tree.map(jnp.zeros_like, args)
+        a_params = [jnp.zeros_like(p) for p in params]
         a_x = g_x0
         x_start = x0
         if zero_end:  # exact VJP of the forward's last step x_N = alpha_N D(x_{N-1}, t_{N-1})
             x_start = saved[-2] if self.store_trajectory else saved
-            _, vjp = jax.vjp(lambda x, a: den.x0(x, ts[-2], a), x_start, args)
+            _, vjp = jax.vjp(lambda x, p: data_pred(x, ts[-2], p), x_start, params)
             g_last = a_x + (g_traj[-1] if g_traj is not None else 0.0)
-            a_x, a_args = vjp((sched.alpha(ts[-1]) * g_last).astype(dtype))
+            a_x, a_params = vjp((sched.alpha(ts[-1]) * g_last).astype(dtype))
             g_traj = None if g_traj is None else g_traj[:-1]
         elif g_traj is not None:
             a_x = a_x + g_traj[-1]
@@ -422,28 +514,39 @@ class AdjointDPM:
         # value there is the one after the jump); so does a step into a stored trajectory point for u.
         # The last step (into point 0) is corrected at the cost of one more VJP: without it, the
         # output would be the predicted value, which is just Adams-Bashforth of order k + 1 (with a
-        # ~10x larger error constant).
+        # ~10x larger error constant). A last step into pure noise (alpha = 0) is the first-order limit
+        # row of ``adams_weights`` and is not corrected (the implicit rule has no limit there).
         on_coarse = np.arange(m) % s == 0
         pts = np.arange(m)
+        into_noise = jnp.isneginf(lam_f[0])
+        known = _checks.eager(lambda: jnp.isneginf(sched.log_alpha(ts[0])))
         if corr:
             wxc, _ = adams_weights(lam_f, k + 1, 1.0, implicit=True)
             wac, _ = adams_weights(lam_f, k + 1, q, implicit=True)
             # correct_b[s]: the step from s into s - 1 is corrected (not into a jump point)
             correct_b = (pts >= 1) & ~((g_traj is not None) & on_coarse[np.maximum(pts - 1, 0)])
             correct_u = (pts >= 1) & ~((traj is not None) & on_coarse[np.maximum(pts - 1, 0)])
-            total = _totals(wac, correct_b, True) + _totals(wa, ~correct_b, False)
+            if known is not None:
+                correct_b[1] &= not bool(known)
+                correct_u[1] &= not bool(known)
+                final = bool(correct_b[1])  # one more VJP, at point 0, to correct the last step
+            else:  # a traced schedule: decided on its values (the extra VJP is then always made)
+                final = bool(correct_b[1])
+                correct_b = jnp.asarray(correct_b).at[1].set(correct_b[1] & ~into_noise)
+                correct_u = jnp.asarray(correct_u).at[1].set(correct_u[1] & ~into_noise)
+            total = _totals(wac, correct_b, True) + _totals(wa, ~jnp.asarray(correct_b), False)
         else:
             total = total_ab
-
-        final = corr and bool(correct_b[1])  # one more VJP, at point 0, to correct the last step
+            final = False
         idx = np.arange(m - 1, -1 if final else 0, -1)
+        args_scale = jnp.where(total == 0, 0.0, total * damp * alpha / jnp.where(big_e == 0, 1.0, big_e))
         rows = dict(
             t=t_f[idx],
             sigma=cast(sigma[idx]),
             big_e=cast(big_e[idx]),
             c=cast((c * damp)[idx]),
             alpha=cast((alpha * damp)[idx]),
-            args_scale=(total * damp * alpha / big_e)[idx],
+            args_scale=args_scale[idx],
             wx=cast(wx[idx]),
             wa=cast(wa[idx]),
             coarse=jnp.asarray(idx // s),
@@ -452,10 +555,10 @@ class AdjointDPM:
         if corr:
             nxt = np.minimum(idx + 1, m - 1)  # the step that arrives at point i starts at i + 1
             rows.update(
-                wxc=cast(wxc[nxt]),
-                wac=cast(wac[nxt]),
-                correct_u=jnp.asarray(correct_u[nxt] & (idx < m - 1)),
-                correct_b=jnp.asarray(correct_b[nxt] & (idx < m - 1)),
+                wxc=cast(jnp.where(jnp.isfinite(wxc), wxc, 0.0)[nxt]),
+                wac=cast(jnp.where(jnp.isfinite(wac), wac, 0.0)[nxt]),
+                correct_u=jnp.asarray(correct_u)[nxt] & jnp.asarray(idx < m - 1),
+                correct_b=jnp.asarray(correct_b)[nxt] & jnp.asarray(idx < m - 1),
             )
         n_hist = k + 1 if corr else k
 
@@ -465,11 +568,11 @@ class AdjointDPM:
                 u = jnp.where(row["on_coarse"], traj[row["coarse"]] / row["sigma"], u)
             if g_traj is not None:
                 b = b + jnp.where(row["on_coarse"], row["big_e"] * g_traj[row["coarse"]], 0.0)
-            d, vjp = jax.vjp(lambda x, a: den.x0(x, row["t"], a).astype(dtype), row["sigma"] * u, args)
-            v_x, v_a = vjp(b)
+            d, vjp = jax.vjp(lambda x, p: data_pred(x, row["t"], p), row["sigma"] * u, params)
+            v_x, v_p = vjp(b)
             hist_d = jnp.concatenate([d[None], hist_d[:-1]])
             hist_g = jnp.concatenate([(row["c"] * b - row["alpha"] * v_x)[None], hist_g[:-1]])
-            acc = jax.tree.map(lambda r, v: r - row["args_scale"].astype(v.dtype) * v, acc, v_a)
+            acc = [r - row["args_scale"].astype(v.dtype) * v for r, v in zip(acc, v_p)]
             if corr:  # correct the step that arrived here, from the corrected previous point
                 u = jnp.where(row["correct_u"], u_c + jnp.tensordot(row["wxc"], hist_d, axes=1), u)
                 b = jnp.where(row["correct_b"], b_c + jnp.tensordot(row["wac"], hist_g, axes=1), b)
@@ -479,11 +582,18 @@ class AdjointDPM:
 
         hist0 = jnp.zeros((n_hist,) + x0.shape, dtype)
         u0, b0 = x_start / cast(sigma[-1]), cast(big_e[-1]) * a_x
-        carry0 = (u0, b0, u0, b0, a_args, hist0, hist0)
-        (_, b_c, _, b, a_args, _, _), _ = jax.lax.scan(body, carry0, rows)
+        carry0 = (u0, b0, u0, b0, list(a_params), hist0, hist0)
+        (_, b_c, _, b, a_params, _, _), _ = jax.lax.scan(body, carry0, rows)
         if final:
             b = b_c
         g_x = b / cast(big_e[0])
         if g_traj is not None:
             g_x = g_x + g_traj[0]
-        return g_x, a_args
+        # cotangents in the shape of (args, (guidance, threshold)): float0 zeros for the integer leaves
+        g_args, g_mods = _zero_cotangent(rebuild([jnp.zeros_like(p) for p in params]))
+        it = iter(a_params)
+        leaves, treedef = jax.tree.flatten((args, (den.guidance, den.threshold)))
+        filled = [next(it) if jnp.issubdtype(jnp.result_type(leaf), jnp.inexact) else z
+                  for leaf, z in zip(leaves, jax.tree.leaves((g_args, g_mods)))]
+        g_args, g_mods = jax.tree.unflatten(treedef, filled)
+        return g_x, g_args, g_mods

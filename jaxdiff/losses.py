@@ -51,6 +51,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jaxdiff import _checks
 from jaxdiff.models import Denoiser
 from jaxdiff.schedules import Schedule, VPDiscrete
 
@@ -84,12 +85,7 @@ _DEFAULT_TARGET = {"epsilon": "epsilon", "score": "epsilon", "x0": "x0", "v": "v
 _LAMBDA_CLIP = 40.0
 
 
-def _concrete(x):
-    """``x`` as a NumPy array, or None when it is traced (value checks are then skipped)."""
-    try:
-        return np.asarray(x)
-    except Exception:  # a tracer under jit/vmap/grad
-        return None
+_concrete = _checks.concrete  # ``x`` as a NumPy array, or None when traced (value checks are then skipped)
 
 
 def _per_sample(c, ndim: int):

@@ -21,7 +21,7 @@ import numpy as np
 from flax import struct
 
 from jaxdiff.models import Denoiser
-from jaxdiff.timesteps import _concrete
+from jaxdiff._checks import all_concrete as _concrete
 
 __all__ = [
     "Classifier",

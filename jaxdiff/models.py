@@ -8,12 +8,17 @@ prediction ``eps``, related by x = alpha x0 + sigma eps.
 
 from __future__ import annotations
 
+import functools
+import inspect
+import math
 from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import struct
 
+from jaxdiff import _checks
 from jaxdiff.schedules import Schedule
 
 __all__ = ["Denoiser", "CFG", "DynamicThreshold", "PREDICTIONS"]
@@ -24,13 +29,29 @@ PREDICTIONS = ("epsilon", "x0", "v", "score", "velocity")
 class CFG(struct.PyTreeNode):
     """Classifier-free guidance (Ho & Salimans, 2022): out = uncond + scale (cond - uncond).
 
-    With guidance, ``args`` is the pair ``(cond_args, uncond_args)``. Both branches run as one
-    batched call (``vmap`` over the leaves that differ; leaves that are the same object, such as
-    shared network parameters, are not copied). ``scale`` is an array leaf, so it can be vmapped.
+    With guidance, ``args`` is the pair ``(cond_args, uncond_args)``, two pytrees of the same structure and
+    leaf shapes. Both branches run as one batched call: ``vmap`` over the leaves that differ, while leaves
+    that are *the same object* in both (shared network parameters) are passed once, not stacked. When the
+    whole pair is one object (``args=(p, p)``) guidance has no effect and the model runs once.
+
+    The sharing rule is about Python object identity, which ``jax.jit`` does not preserve: if the pair is
+    built *outside* a jitted function and passed in as an argument, every leaf arrives as its own tracer and
+    shared parameters are stacked (twice their memory, and the model then runs with batched weights). Build
+    the pair *inside* the jitted function from one set of parameters, as in the example, or pass the
+    parameters once and close over them.
+
+    ``scale`` is an array leaf (differentiable, and ``vmap`` over it samples several scales at once); it must
+    be a scalar per call.
+
+    Raises:
+        ValueError: at trace time, when ``args`` is not a pair, the two halves differ in structure or in a
+            leaf's shape, or ``scale`` is not a scalar.
 
     Example:
         >>> den = Denoiser(fn, VPLinear(), "epsilon", guidance=CFG(7.5))  # doctest: +SKIP
-        >>> jd.sample(den, x_T, ts, args=((params, text), (params, null_text)))  # doctest: +SKIP
+        >>> @jax.jit  # doctest: +SKIP
+        ... def run(params, text, null_text, x_T):
+        ...     return jd.sample(den, x_T, ts, args=((params, text), (params, null_text)))  # params shared
     """
 
     scale: jax.Array = 1.0
@@ -39,14 +60,32 @@ class CFG(struct.PyTreeNode):
         if not (isinstance(args, (tuple, list)) and len(args) == 2):
             raise ValueError(
                 "With `guidance=CFG(...)`, `args` must be the pair `(cond_args, uncond_args)`; "
-                f"got {type(args).__name__}. Pass e.g. `args=((params, cond), (params, null_cond))`."
+                f"got {_checks.show(args)}. Pass e.g. `args=((params, cond), (params, null_cond))`."
+            )
+        if jnp.ndim(self.scale) != 0:
+            raise ValueError(
+                f"`CFG.scale` must be a scalar, got shape {jnp.shape(self.scale)}. For several scales, vmap the "
+                "sampler over them: `jax.vmap(lambda w: jd.sample(den.replace(guidance=jd.CFG(w)), ...))(scales)`."
             )
         cond, uncond = args
-        leaves_c, tree_c = jax.tree.flatten(cond)
+        if cond is uncond:  # one object twice: the guided output is the model output
+            return fn(x, t_model, cond)
+        paths_c, tree_c = jax.tree_util.tree_flatten_with_path(cond)
         leaves_u, tree_u = jax.tree.flatten(uncond)
         if tree_c != tree_u:
             raise ValueError(f"`cond_args` and `uncond_args` must have the same structure; got {tree_c} and {tree_u}.")
+        leaves_c = [leaf for _, leaf in paths_c]
         shared = [a is b for a, b in zip(leaves_c, leaves_u)]
+        for (path, a), b, same in zip(paths_c, leaves_u, shared):
+            if not same and jnp.shape(a) != jnp.shape(b):
+                raise ValueError(
+                    f"`cond_args{jax.tree_util.keystr(path)}` has shape {jnp.shape(a)} but `uncond_args"
+                    f"{jax.tree_util.keystr(path)}` has shape {jnp.shape(b)}; the two branches run as one batched "
+                    "call, so each leaf must have the same shape in both (e.g. a null embedding shaped like the "
+                    "text embedding)."
+                )
+        if all(shared):
+            return fn(x, t_model, cond)
         stacked = [
             a if s else jnp.stack([jnp.asarray(a), jnp.asarray(b)]) for a, b, s in zip(leaves_c, leaves_u, shared)
         ]
@@ -54,6 +93,8 @@ class CFG(struct.PyTreeNode):
         stacked_args = jax.tree.unflatten(tree_c, stacked)
         axes_args = jax.tree.unflatten(tree_c, axes)
         out = jax.vmap(lambda a: fn(x, t_model, a), in_axes=(axes_args,))(stacked_args)
+        if not hasattr(out, "shape") or isinstance(out, (dict, list, tuple)):
+            _check_output(out, x)  # raises the model-output TypeError
         return out[1] + self.scale * (out[0] - out[1])
 
 
@@ -64,14 +105,37 @@ class DynamicThreshold(struct.PyTreeNode):
     then x0 <- clip(x0, -s, s) / s. This is diffusers' rule; the official DPM-Solver uses
     s = max(quantile, max_value), which is the same for the default ``max_value = 1``.
     Valid only with data-prediction solvers (DPM-Solver++, UniPC, DDIM).
+
+    Args:
+        ratio: the quantile, in (0, 1] (static).
+        max_value: the largest threshold, >= 1 (s is clipped to [1, max_value]; 1 means plain clipping
+            to [-1, 1]); an array leaf.
+
+    Raises:
+        ValueError: ``ratio`` outside (0, 1]; at call time (trace time), a concrete ``max_value`` below 1, or
+            a data prediction without a batch axis or with no elements per sample.
     """
 
     ratio: float = struct.field(pytree_node=False, default=0.995)
     max_value: jax.Array = 1.0
 
+    def __post_init__(self):
+        _checks.real_number("DynamicThreshold.ratio", self.ratio, lo=0.0, hi=1.0, lo_closed=False,
+                            hint="It is the quantile of |x0| per sample, e.g. 0.995.")
+
     def __call__(self, x0):
-        if x0.ndim < 2:
-            raise ValueError(f"Dynamic thresholding needs a batch axis first; got `x0` of shape {x0.shape}.")
+        # checked here, not in the constructor: JAX rebuilds this pytree with gradients as `max_value`
+        v = _checks.concrete(self.max_value)
+        if v is not None and v.dtype.kind in "fiu" and not (v.size and np.all(v >= 1.0)):
+            raise ValueError(_checks.message(
+                "DynamicThreshold.max_value", self.max_value, "a number >= 1",
+                "The threshold s is clipped to [1, max_value] and x0 is divided by s (Imagen uses 1; "
+                "latent models use larger values)."))
+        if x0.ndim < 2 or x0.shape[0] == 0 or math.prod(x0.shape[1:]) == 0:
+            raise ValueError(
+                f"Dynamic thresholding needs a batch axis first and at least one sample with one element; got `x0` of "
+                f"shape {x0.shape}. It takes a quantile per sample: pass states shaped (batch, ...)."
+            )
         s = jnp.quantile(jnp.abs(x0.reshape(x0.shape[0], -1)), self.ratio, axis=1)
         s = jnp.clip(s, 1.0, self.max_value).reshape((-1,) + (1,) * (x0.ndim - 1))
         return jnp.clip(x0, -s, s) / s
@@ -115,20 +179,26 @@ class Denoiser(struct.PyTreeNode):
             raise ValueError(f"Unknown `prediction={self.prediction!r}`; expected one of {PREDICTIONS}.")
         if not isinstance(self.schedule, Schedule):
             raise ValueError(f"`schedule` must be a jaxdiff Schedule, got {type(self.schedule).__name__}.")
+        if not callable(self.fn):
+            raise TypeError(f"`fn` must be the model, a function `fn(x, t_model, args)`, got {_checks.show(self.fn)}.")
+        _check_signature(self.fn)
+        if self.guidance is not None and not isinstance(self.guidance, CFG):
+            raise TypeError(f"`guidance` must be `jaxdiff.CFG(scale)` or None, got {_checks.show(self.guidance)}.")
+        if self.threshold is not None and not isinstance(self.threshold, DynamicThreshold):
+            raise TypeError(
+                f"`threshold` must be `jaxdiff.DynamicThreshold(...)` or None, got {_checks.show(self.threshold)}."
+            )
 
     def raw(self, x, t, args: Any):
         """The model output (with guidance applied) at continuous time t (scalar, or shape ``(B,)``)."""
+        _checks.float_array("x", x)
         _check_time(x, t)
         t_model = self.schedule.model_time(t)
         if self.guidance is None:
             out = self.fn(x, t_model, args)
         else:
             out = self.guidance(self.fn, x, t_model, args)
-        if jnp.shape(out) != jnp.shape(x):
-            raise ValueError(
-                f"The model returned shape {jnp.shape(out)} for `x` of shape {jnp.shape(x)}; "
-                "a denoiser must return a prediction with the shape of `x`."
-            )
+        _check_output(out, x)
         return out
 
     def _coefficients(self, t, dtype, ndim):
@@ -151,7 +221,9 @@ class Denoiser(struct.PyTreeNode):
         Raises:
             ValueError: ``t`` is neither a scalar nor of shape ``(x.shape[0],)``, or the model output's shape
                 differs from ``x``'s.
+            TypeError: ``x`` is not one real floating array, or the model returns something else than one.
         """
+        _checks.float_array("x", x)
         dtype = jnp.result_type(x.dtype, jnp.float32)
         out = self.raw(x, t, args).astype(dtype)
         x = x.astype(dtype)
@@ -194,6 +266,58 @@ class Denoiser(struct.PyTreeNode):
         """Score grad_x log p_t(x) = -eps / sigma_t."""
         eps = self.eps(x, t, args)
         return -eps / _per_sample(self.schedule.sigma(t), eps.ndim)
+
+
+_CONTRACT = (
+    "A model is `fn(x, t_model, args) -> prediction`: `x` the noisy state, `t_model` the schedule's model "
+    "time (`schedule.model_time(t)`), `args` whatever `jd.sample(..., args=...)` passes (parameters, "
+    "conditioning; None by default)."
+)
+
+
+@functools.lru_cache(maxsize=256)
+def _signature_error(fn) -> str | None:
+    try:
+        sig = inspect.signature(fn)
+    except (TypeError, ValueError):  # builtins and C callables: nothing to inspect
+        return None
+    try:
+        sig.bind(None, None, None)
+    except TypeError:
+        return f"`fn` must accept three positional arguments, but its signature is {sig}. {_CONTRACT} " \
+            "Wrap a two-argument model: `jd.Denoiser(lambda x, t, args: fn(x, t), ...)`."
+    return None
+
+
+def _check_signature(fn):
+    """TypeError at construction for a model that cannot be called as ``fn(x, t_model, args)``."""
+    try:
+        err = _signature_error(fn)
+    except TypeError:  # unhashable callable: inspect it without the cache
+        err = _signature_error.__wrapped__(fn)
+    if err:
+        raise TypeError(err)
+
+
+def _check_output(out, x):
+    """The model returned one real floating array shaped like ``x`` (checked at trace time)."""
+    if not hasattr(out, "shape") or isinstance(out, (dict, list, tuple)):
+        raise TypeError(
+            f"The model must return one array with the shape of `x` {jnp.shape(x)}, got {_checks.show(out)}. "
+            "Return the prediction itself (e.g. `out['sample']` for a model that returns a dict)."
+        )
+    dtype = jnp.result_type(out)
+    if not jnp.issubdtype(dtype, jnp.floating):
+        raise TypeError(
+            f"The model returned dtype {dtype} (shape {jnp.shape(out)}); a prediction must be a real floating-point "
+            "array (float16, bfloat16, float32 or float64). Complex or integer outputs cannot be converted without "
+            "losing information."
+        )
+    if jnp.shape(out) != jnp.shape(x):
+        raise ValueError(
+            f"The model returned shape {jnp.shape(out)} for `x` of shape {jnp.shape(x)}; "
+            "a denoiser must return a prediction with the shape of `x`."
+        )
 
 
 def _check_time(x, t):

@@ -14,17 +14,23 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jaxdiff import _checks
 from jaxdiff.models import Denoiser
 from jaxdiff.solvers.base import Solver
 
-__all__ = ["sample", "nfe", "integrate"]
+__all__ = ["sample", "nfe", "integrate", "check_inputs"]
 
 Scan = Callable  # (body, carry, xs) -> (carry, ys), with lax.scan's contract
 
 
 def nfe(solver: Solver, ts_or_num_steps) -> int:
     """Model evaluations ``solver`` makes on a grid (an array of times or a number of steps)."""
-    n = ts_or_num_steps if isinstance(ts_or_num_steps, int) else int(np.shape(ts_or_num_steps)[0]) - 1
+    if isinstance(ts_or_num_steps, (int, np.integer)) and not isinstance(ts_or_num_steps, bool):
+        n = int(ts_or_num_steps)
+    else:
+        n = int(np.shape(ts_or_num_steps)[0]) - 1 if np.ndim(ts_or_num_steps) == 1 else -1
+    if n < 1:
+        raise ValueError(_checks.message("ts_or_num_steps", ts_or_num_steps, "a grid of >= 2 times or a number of steps >= 1"))
     return solver.nfe(n)
 
 
@@ -43,11 +49,13 @@ def sample(
 
     Args:
         denoiser: a ``Denoiser`` (model, schedule, parameterization, guidance, thresholding).
-        x_T: the starting point, any shape the model accepts (usually ``(batch, ...)``).
-        ts: strictly decreasing times, shape ``(num_steps + 1,)`` (see ``jaxdiff.timesteps``).
+        x_T: the starting point, one real floating array of any shape the model accepts (usually
+            ``(batch, ...)``); float16/bfloat16 states are integrated in float32.
+        ts: strictly decreasing times inside the schedule's domain, shape ``(num_steps + 1,)`` (see
+            ``jaxdiff.timesteps``); a list is converted.
         solver: any ``jaxdiff`` solver; default ``DPMSolverPP(order=2)``.
         args: pytree passed to the model as its third argument (parameters, conditioning).
-        key: PRNG key, required by stochastic solvers.
+        key: PRNG key (``jax.random.key``), required by stochastic solvers.
         return_trajectory: also return the states at the grid points, shape ``(num_steps + 1, *x_T.shape)``.
         adjoint: how gradients flow: None (backpropagate through the scan), ``jaxdiff.Backprop(...)``
             or ``jaxdiff.AdjointDPM(...)``.
@@ -56,9 +64,26 @@ def sample(
         The sample at ``ts[-1]`` (and the trajectory if asked). ``jaxdiff.nfe(solver, ts)`` model calls.
 
     Raises:
-        ValueError: at trace time, for a non-decreasing grid, a grid too short for the order, a
-            noise-prediction solver with thresholding, a missing key, or a model output whose
-            shape differs from ``x_T``.
+        ValueError: at trace time, for a grid that is not strictly decreasing, not finite or outside the
+            schedule's domain, a grid too short for the order, a noise-prediction solver with thresholding, a
+            missing key, a model output whose shape differs from ``x_T``, an empty ``x_T``, or an epsilon/score
+            model asked to start at pure noise (alpha(ts[0]) = 0).
+        TypeError: ``x_T`` is not one real floating array, ``key`` is not a PRNG key, the model does not take
+            ``(x, t_model, args)`` or returns something else than one real floating array.
+
+    Grid checks: a concrete grid (a NumPy array, a constant, a list) is checked at trace time. A grid passed
+    as a ``jax.jit`` argument is traced and cannot be: it is then only checked for its shape. For a traced
+    grid, opt in to the runtime check by calling ``jd.check_grid(schedule, ts)`` inside the jitted function
+    and wrapping it in ``jax.experimental.checkify.checkify``, or check the grid before ``jit``.
+
+    Pure noise: a grid may start where alpha = 0 (``RectifiedFlow`` at t = 1, ``VPCosine`` at t = 1, a zero
+    terminal SNR ``VPDiscrete`` at t = 1). Every ODE solver then takes the limit of its step: the first step
+    is x_1 = (sigma_1/sigma_0) x_0 + alpha_1 x0_hat(x_0), with the data prediction only (as diffusers drops
+    the x0 term), predictor-correctors and Heun correct it with the data prediction at the new point
+    (a trapezoid in e^lambda), and multistep methods restart their history after it (the point at
+    lambda = -inf drops out of every later polynomial). This needs a model that predicts v, x0 or the
+    velocity; an epsilon/score model has no data prediction at alpha = 0 and is refused.
+    ``EulerMaruyama`` cannot start there (the SDE's drift is infinite): use ``DDPM`` or ``DPMSolverPPSDE``.
 
     Example:
         >>> den = jd.Denoiser(fn, jd.VPLinear(), "epsilon")  # doctest: +SKIP
@@ -68,30 +93,27 @@ def sample(
         from jaxdiff.solvers.dpm_solver import DPMSolverPP
 
         solver = DPMSolverPP()
-    check_inputs(denoiser, x_T, ts, solver, args, key)
+    ts = check_inputs(denoiser, x_T, ts, solver, args, key)
     if adjoint is not None:
+        if not hasattr(adjoint, "loop"):
+            raise TypeError(
+                f"`adjoint` must be None, `jaxdiff.Backprop(...)` or `jaxdiff.AdjointDPM(...)`, got {_checks.show(adjoint)}."
+            )
         return adjoint.loop(denoiser, x_T, ts, solver, args=args, key=key, return_trajectory=return_trajectory)
     return integrate(denoiser, x_T, ts, solver, args=args, key=key, return_trajectory=return_trajectory)
 
 
 def check_inputs(denoiser, x_T, ts, solver, args, key):
-    """Trace-time validation with messages that say what to do."""
+    """Trace-time validation with messages that say what to do; returns ``ts`` as a floating array."""
     if not isinstance(denoiser, Denoiser):
         raise ValueError(f"`denoiser` must be a `jaxdiff.Denoiser`, got {type(denoiser).__name__}.")
     if not isinstance(solver, Solver):
         raise ValueError(f"`solver` must be a jaxdiff solver (e.g. `jd.DPMSolverPP()`), got {type(solver).__name__}.")
-    if jnp.ndim(ts) != 1 or jnp.shape(ts)[0] < 2:
-        raise ValueError(f"`ts` must be a 1-D array of at least 2 times, got shape {jnp.shape(ts)}.")
+    _checks.float_array("x_T", x_T)
+    if np.prod(jnp.shape(x_T)) == 0:
+        raise ValueError(f"`x_T` has shape {jnp.shape(x_T)}, with no elements: there is nothing to sample.")
+    ts = _checks.validate_grid(denoiser.schedule, ts)
     num_steps = jnp.shape(ts)[0] - 1
-    try:
-        concrete = np.asarray(ts)
-    except Exception:  # traced grid: monotonicity cannot be checked here
-        concrete = None
-    if concrete is not None and not np.all(np.diff(concrete) < 0):
-        raise ValueError(
-            f"`ts` must be strictly decreasing (from noise to data); got {concrete.tolist()[:6]}"
-            f"{'...' if concrete.size > 6 else ''}. Build grids with `jaxdiff.timesteps`."
-        )
     if num_steps < solver.min_steps():
         raise ValueError(
             f"`{type(solver).__name__}` with order {getattr(solver, 'order', '?')} needs at least "
@@ -104,10 +126,30 @@ def check_inputs(denoiser, x_T, ts, solver, args, key):
         )
     if solver.stochastic and key is None:
         raise ValueError(f"`{type(solver).__name__}` is stochastic: pass `key=jax.random.key(...)`.")
+    _checks.prng_key("key", key)
     solver.check_state(x_T)
-    out = jax.eval_shape(lambda x, a: denoiser.raw(x, jnp.asarray(ts)[0], a), x_T, args)
+    alpha0 = _checks.eager(lambda: denoiser.schedule.alpha(ts[0]))
+    if alpha0 is not None and alpha0 == 0:
+        check_pure_noise_start(denoiser, solver, float(_checks.eager(lambda: ts[0])))
+    sigma_end = _checks.eager(lambda: denoiser.schedule.sigma(ts[-1]))
+    if sigma_end is not None and sigma_end == 0:
+        solver.check_final_zero()
+    out = jax.eval_shape(lambda x, a: denoiser.raw(x, ts[0], a), x_T, args)
     if out.shape != jnp.shape(x_T):
         raise ValueError(f"The model returned shape {out.shape} for `x_T` of shape {jnp.shape(x_T)}.")
+    return ts
+
+
+def check_pure_noise_start(denoiser, solver, t0: float):
+    """A grid starting at alpha = 0 needs a data prediction there (see ``sample``'s docstring)."""
+    if denoiser.prediction in ("epsilon", "score"):
+        raise ValueError(
+            f"`ts[0] = {t0:g}` is pure noise for {type(denoiser.schedule).__name__} (alpha = 0), where an "
+            f"`{denoiser.prediction}` model gives no data prediction (x0 = (x - sigma eps) / alpha is 0/0). "
+            "Start the grid where alpha > 0 (e.g. `jd.timesteps(s, n, t_start=0.999)`, or the schedule's "
+            "default `t_max`), or use a model that predicts 'v', 'x0' or 'velocity'."
+        )
+    solver.check_pure_noise_start()
 
 
 def integrate(
@@ -127,6 +169,12 @@ def integrate(
     dtype = jnp.result_type(jnp.asarray(x_T).dtype, jnp.float32)
     coef = solver.coefficients(denoiser.schedule, jnp.asarray(ts, dtype=jnp.result_type(ts, float)))
     m, k = layout.num_evals, layout.history
+    # rows where a noise-prediction solver stores x0 instead of eps (its steps from alpha = 0); a grid known
+    # to start at alpha > 0 (the usual case) keeps the plain eps call, with no select in the loop
+    switch = coef.use_x0 is not None and solver.prediction == "noise"
+    if switch:
+        alpha0 = _checks.eager(lambda: denoiser.schedule.alpha(jnp.asarray(ts)[0]))
+        switch = alpha0 is None or alpha0 == 0
 
     rows = dict(
         t=coef.t,
@@ -139,6 +187,8 @@ def integrate(
         r = rows.get(name)
         if r is not None and r.ndim > lead:  # per-coordinate rows (DPM-Solver-v3): explicit axes for the batch dims
             rows[name] = r.reshape(r.shape[:lead] + (1,) * (jnp.ndim(x_T) + lead - r.ndim) + r.shape[lead:])
+    if switch:
+        rows["use_x0"] = jnp.asarray(coef.use_x0, bool)
     if solver.stochastic:
         rows["key"] = jax.random.split(key, m)
     predict = denoiser.x0 if solver.prediction == "data" else denoiser.eps
@@ -151,7 +201,11 @@ def integrate(
 
     def body(carry, row):
         y, anchor, hist = carry
-        d = predict(y, row["t"], args).astype(dtype)
+        if switch:
+            x0, eps = denoiser.x0_and_eps(y, row["t"], args)
+            d = jnp.where(row["use_x0"], x0, eps).astype(dtype)
+        else:
+            d = predict(y, row["t"], args).astype(dtype)
         if "mix" in row:
             d = d + row["mix"] * y
         # lag order: the newest evaluation first (static shifts; no data-dependent indexing)

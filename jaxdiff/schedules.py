@@ -23,6 +23,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import struct
 
+from jaxdiff import _checks
+
 __all__ = ["Schedule", "VPLinear", "VPCosine", "VPDiscrete", "VE", "EDM", "RectifiedFlow", "DIFFUSERS_BETA_SCHEDULES"]
 
 # diffusers' `beta_schedule` names that `VPDiscrete.from_diffusers` builds
@@ -31,6 +33,24 @@ DIFFUSERS_BETA_SCHEDULES = ("linear", "scaled_linear", "squaredcos_cap_v2", "sig
 
 def _float(x):
     return jnp.asarray(x, dtype=jnp.result_type(float))
+
+
+def _check_param(owner: str, name: str, value, *, lo=-math.inf, hi=math.inf, lo_closed=True, hi_closed=True,
+                 hint: str = ""):
+    """Check a concrete numeric schedule parameter (every entry, if an array); anything else is skipped.
+
+    JAX rebuilds pytrees with placeholder leaves (None, ``object()``, tracers) through the constructor, so
+    only concrete numbers are checked here; traced parameters (``vmap`` over a schedule) are unchecked.
+    """
+    a = _checks.concrete(value)
+    if a is None or not np.issubdtype(a.dtype, np.number) or np.iscomplexobj(a) or a.size == 0:
+        return None
+    a = a.astype(np.float64)
+    inside = (a >= lo if lo_closed else a > lo) & (a <= hi if hi_closed else a < hi)
+    if not np.all(inside & ~np.isnan(a)):
+        span = f"{'[' if lo_closed else '('}{lo:g}, {hi:g}{']' if hi_closed else ')'}"
+        raise ValueError(_checks.message(f"{owner}.{name}", value, f"a number in {span}", hint))
+    return a
 
 
 def _safe_log1mexp(a):
@@ -83,6 +103,34 @@ class Schedule(struct.PyTreeNode, metaclass=abc.ABCMeta):
         """Default start of sampling grids (the ``t_start`` field)."""
         return self.t_start
 
+    #: (lo, hi): the times where the schedule is defined; grids must stay inside (``jd.check_grid``)
+    t_domain = (0.0, math.inf)
+
+    def check_params(self) -> None:
+        """Raise ValueError for concrete parameters outside their range (traced ones are not checked).
+
+        Called by ``jd.sample``, ``jd.timesteps``, ``jd.check_grid`` and ``jd.fkc.sample``, not by the
+        constructor: JAX rebuilds schedules through it with gradients and tangents as leaves (a gradient
+        ``VPLinear`` may well have beta_min < 0), and those are not schedules to check.
+        """
+
+    def _check_interval(self):
+        """The default interval ``t_end < t_start`` inside ``t_domain`` (static fields, checked once)."""
+        start, end = getattr(self, "t_start", None), getattr(self, "t_end", None)
+        lo, hi = self.t_domain
+        name = type(self).__name__
+        for field, value in (("t_start", start), ("t_end", end)):
+            if value is None:
+                continue
+            v = _checks.real_number(f"{name}.{field}", value, lo=lo, hi=hi,
+                                    hint=f"{name} is defined for {lo:g} <= t <= {hi:g} (t = 0 is clean data).")
+            object.__setattr__(self, field, v)
+        if start is not None and end is not None and not self.t_end < self.t_start:
+            raise ValueError(
+                f"`{name}.t_end` must be below `t_start` (grids run from noise at t_start to data at t_end), got "
+                f"t_start={self.t_start!r}, t_end={self.t_end!r}."
+            )
+
 
 class _VP(Schedule):
     """Variance preserving: sigma_t^2 = 1 - alpha_t^2."""
@@ -111,6 +159,18 @@ class VPLinear(_VP):
     t_start: float = struct.field(pytree_node=False, default=1.0)
     t_end: float = struct.field(pytree_node=False, default=1e-3)
 
+    def __post_init__(self):
+        self._check_interval()
+
+    def check_params(self) -> None:
+        hint = "VPLinear needs 0 <= beta_min <= beta_max with beta_max > 0 (e.g. 0.1 and 20)."
+        lo = _check_param("VPLinear", "beta_min", self.beta_min, lo=0.0, hi=math.inf, hi_closed=False, hint=hint)
+        hi = _check_param("VPLinear", "beta_max", self.beta_max, lo=0.0, hi=math.inf, lo_closed=False,
+                          hi_closed=False, hint=hint)
+        if lo is not None and hi is not None and not np.all(lo <= hi):
+            raise ValueError(f"`VPLinear.beta_min` must not exceed `beta_max`, got beta_min={self.beta_min!r}, "
+                             f"beta_max={self.beta_max!r}. {hint}")
+
     def log_alpha(self, t):
         t = _float(t)
         return -0.25 * t**2 * (self.beta_max - self.beta_min) - 0.5 * t * self.beta_min
@@ -126,23 +186,54 @@ class VPLinear(_VP):
 class VPCosine(_VP):
     """Cosine VP schedule (Nichol & Dhariwal, 2021): alpha_t = cos((t+s)/(1+s) pi/2) / cos(s/(1+s) pi/2).
 
-    ``t_max`` defaults to 0.9946 as in the official DPM-Solver, since alpha_1 = 0 (lambda = -inf).
+    Computed as sin((1 - t)/(1 + s) pi/2) / cos(s/(1+s) pi/2), the same function, so that alpha_1 = 0
+    exactly (pure noise, lambda = -inf) and alpha is accurate near t = 1, where the cosine form loses all
+    digits (cos(pi/2) = 6e-17 in float64). ``t_max`` defaults to 0.9946 as in the official DPM-Solver;
+    grids may start at t = 1, where every solver takes a first step from pure noise (see ``jd.sample``).
+
+    Example:
+        >>> float(VPCosine(s=0.0).alpha(1.0))
+        0.0
     """
 
     s: jax.Array = struct.field(default=0.008)
     t_end: float = struct.field(pytree_node=False, default=1e-3)
     t_start: float = struct.field(pytree_node=False, default=0.9946)
 
+    t_domain = (0.0, 1.0)
+
+    def __post_init__(self):
+        self._check_interval()
+
+    def check_params(self) -> None:
+        _check_param("VPCosine", "s", self.s, lo=0.0, hi=math.inf, hi_closed=False,
+                     hint="The offset s is small and >= 0 (Nichol & Dhariwal use 0.008).")
+
     def _log_alpha_0(self):
         return jnp.log(jnp.cos(self.s / (1.0 + self.s) * math.pi / 2))
 
     def log_alpha(self, t):
         t = _float(t)
-        return jnp.log(jnp.cos((t + self.s) / (1.0 + self.s) * math.pi / 2)) - self._log_alpha_0()
+        arg = (1.0 - t) / (1.0 + self.s) * math.pi / 2
+        inside = arg > 0
+        # log(sin) at its zero is -inf with a zero (not NaN) derivative: the where keeps log away from 0
+        log_sin = jnp.log(jnp.sin(jnp.where(inside, arg, 1.0)))
+        return jnp.where(inside, log_sin, -jnp.inf) - self._log_alpha_0()
+
+    def alpha(self, t):
+        t = _float(t)
+        return jnp.sin((1.0 - t) / (1.0 + self.s) * math.pi / 2) / jnp.exp(self._log_alpha_0())
 
     def t_of_lambda(self, lam):
-        log_alpha = self._log_alpha_of_lambda(_float(lam)) + self._log_alpha_0()
-        return 2.0 * (1.0 + self.s) / math.pi * jnp.arccos(jnp.exp(log_alpha)) - self.s
+        # theta = (t + s)/(1 + s) pi/2 has cos(theta) = alpha c0 and sin(theta) = sqrt(sigma^2 + alpha^2 sin(s')^2)
+        # (c0 = cos(s'), s' = s/(1+s) pi/2); atan2 of both is accurate at both ends, where arccos or arcsin of
+        # alpha alone lose half the digits. t = 1 exactly at lambda = -inf.
+        lam = _float(lam)
+        alpha = jnp.exp(self._log_alpha_of_lambda(lam))
+        sigma = jnp.exp(-0.5 * jnp.logaddexp(0.0, 2.0 * lam))
+        s_prime = self.s / (1.0 + self.s) * math.pi / 2
+        theta = jnp.arctan2(jnp.sqrt(sigma**2 + (alpha * jnp.sin(s_prime)) ** 2), alpha * jnp.cos(s_prime))
+        return (1.0 + self.s) * theta * (2.0 / math.pi) - self.s
 
 
 _NOT_GIVEN = object()
@@ -184,6 +275,8 @@ class VPDiscrete(_VP):
     """
 
     log_alphas: jax.Array  # shape (N,), log sqrt(alphas_cumprod); the last entry may be -inf
+
+    t_domain = (0.0, 1.0)
 
     def __init__(self, betas=None, *, alphas_cumprod=None, log_alphas=_NOT_GIVEN):
         # JAX rebuilds pytrees through `log_alphas`, with any placeholder leaf (None included): that path is
@@ -449,17 +542,9 @@ def _diffusers_betas(schedule: str, start: float, end: float, num: int) -> np.nd
     return s * np.float32(end - start) + np.float32(start)
 
 
-def _concrete(x):
-    """``x`` as a NumPy array, or None when it is traced (checks are then skipped)."""
-    try:
-        return np.asarray(x)
-    except Exception:  # a tracer under jit/vmap/grad
-        return None
-
-
 def _check_table(name: str, table) -> None:
     """Raise ValueError unless a concrete ``betas`` or ``alphas_cumprod`` table is a valid DDPM table."""
-    a = _concrete(table)
+    a = _checks.concrete(table)
     if a is None or not np.issubdtype(a.dtype, np.number):
         return
     a = a.astype(np.float64)
@@ -498,6 +583,15 @@ def _check_table(name: str, table) -> None:
         )
 
 
+def _check_sigmas(owner: str, sigma_min, sigma_max):
+    hint = f"{owner} noises from sigma_max (t_max) down to sigma_min (t_min); pass 0 < sigma_min < sigma_max."
+    lo = _check_param(owner, "sigma_min", sigma_min, lo=0.0, hi=math.inf, lo_closed=False, hi_closed=False, hint=hint)
+    hi = _check_param(owner, "sigma_max", sigma_max, lo=0.0, hi=math.inf, lo_closed=False, hi_closed=False, hint=hint)
+    if lo is not None and hi is not None and not np.all(lo < hi):
+        raise ValueError(f"`{owner}.sigma_min` must be below `sigma_max`, got sigma_min={sigma_min!r}, "
+                         f"sigma_max={sigma_max!r}. {hint} (Are they swapped?)")
+
+
 class VE(Schedule):
     """Variance exploding (Song et al., 2021): alpha = 1, sigma_t = sigma_min (sigma_max/sigma_min)^t.
 
@@ -508,6 +602,12 @@ class VE(Schedule):
     sigma_max: jax.Array = struct.field(default=50.0)
     t_start: float = struct.field(pytree_node=False, default=1.0)
     t_end: float = struct.field(pytree_node=False, default=1e-5)
+
+    def __post_init__(self):
+        self._check_interval()
+
+    def check_params(self) -> None:
+        _check_sigmas("VE", self.sigma_min, self.sigma_max)
 
     def log_alpha(self, t):
         return jnp.zeros_like(_float(t))
@@ -527,6 +627,9 @@ class EDM(Schedule):
 
     sigma_min: jax.Array = struct.field(default=0.002)
     sigma_max: jax.Array = struct.field(default=80.0)
+
+    def check_params(self) -> None:
+        _check_sigmas("EDM", self.sigma_min, self.sigma_max)
 
     def log_alpha(self, t):
         return jnp.zeros_like(_float(t))
@@ -558,6 +661,11 @@ class RectifiedFlow(Schedule):
 
     t_end: float = struct.field(pytree_node=False, default=1e-3)
     t_start: float = struct.field(pytree_node=False, default=1.0)
+
+    t_domain = (0.0, 1.0)
+
+    def __post_init__(self):
+        self._check_interval()
 
     def alpha(self, t):
         return 1.0 - _float(t)

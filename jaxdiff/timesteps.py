@@ -22,6 +22,8 @@ from __future__ import annotations
 import jax.numpy as jnp
 import numpy as np
 
+from jaxdiff import _checks
+from jaxdiff._checks import all_concrete as _concrete
 from jaxdiff.schedules import Schedule, VPDiscrete
 
 __all__ = ["timesteps", "CONTINUOUS_SPACINGS", "DISCRETE_SPACINGS"]
@@ -75,10 +77,18 @@ def timesteps(
         >>> ts.shape
         (11,)
     """
-    if not isinstance(num_steps, (int, np.integer)) or num_steps < 1:
+    if not isinstance(schedule, Schedule):
+        raise TypeError(f"`schedule` must be a jaxdiff Schedule (e.g. `jd.VPLinear()`), got {type(schedule).__name__}.")
+    schedule.check_params()
+    if not isinstance(num_steps, (int, np.integer)) or isinstance(num_steps, bool) or num_steps < 1:
         raise ValueError(f"`num_steps` must be a positive Python int, got {num_steps!r}.")
     if final is not None and final not in FINALS:
         raise ValueError(f"Unknown `final={final!r}`; expected one of {FINALS}.")
+    _checks.real_number("rho", rho, lo=0.0, lo_closed=False, hint="The Karras exponent, e.g. 7.")
+    _checks.static_int("steps_offset", steps_offset, minimum=0, hint="diffusers' `steps_offset`, 0 or 1.")
+    for name, value in (("t_start", t_start), ("t_end", t_end)):
+        if value is not None:
+            _checks.real_number(name, value, hint="A time of the schedule (t = 0 is clean data).")
     if spacing in DISCRETE_SPACINGS:
         if not isinstance(schedule, VPDiscrete):
             raise ValueError(
@@ -120,7 +130,8 @@ def timesteps(
         ts = ts.at[0].set(t0).at[-1].set(t1)
     if final == "zero":
         ts = jnp.concatenate([ts, jnp.zeros((1,), ts.dtype)])
-    return ts
+    # t_start/t_end outside the schedule, or t_end >= t_start, give a grid jd.sample would refuse: say it here
+    return _checks.validate_grid(schedule, ts, "timesteps(...)", "Pass `t_end < t_start`, both inside the schedule.")
 
 
 def _finite_lambda(schedule, t0, t1):
@@ -132,11 +143,3 @@ def _finite_lambda(schedule, t0, t1):
             "choose `t_start`/`t_end` strictly inside the schedule, or use `spacing='time'`."
         )
     return l0, l1
-
-
-def _concrete(*xs) -> bool:
-    try:
-        [float(x) for x in xs]
-    except Exception:  # a tracer: the check is skipped under jit
-        return False
-    return True

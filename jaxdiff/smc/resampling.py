@@ -18,6 +18,13 @@ Numerics, shared by all schemes:
   ancestors are then the identity ``0..num_samples-1`` (mod the number of particles) and
   ``ess(log_weights)`` is 0, which is how callers detect it (``jaxdiff.smc.fkc`` flags it).
 
+Log-weights, not probabilities: every function here takes ``log_weights`` (log of unnormalized
+weights). blackjax's resamplers take *weights* in the same position; passing probabilities here would
+treat them as log-weights (nearly uniform resampling). Pass ``jnp.log(weights)``.
+
+Inputs are checked at trace time: ``log_weights`` must be a 1-D real array with at least one entry (vmap
+over a batch of particle systems instead of passing a 2-D array), ``num_samples`` a positive Python int.
+
 Example:
     >>> key = jax.random.key(0)
     >>> idx = systematic(key, jnp.log(jnp.array([0.1, 0.0, 0.9])), 10)
@@ -32,6 +39,8 @@ from typing import Callable
 import jax
 import jax.numpy as jnp
 
+from jaxdiff import _checks
+
 __all__ = [
     "multinomial",
     "systematic",
@@ -41,14 +50,30 @@ __all__ = [
     "log_normalize",
     "RESAMPLERS",
     "get_resampler",
+    "check_ancestors",
 ]
 
 Resampler = Callable[[jax.Array, jax.Array, int], jax.Array]
 
 
+def _check_log_weights(log_weights):
+    """A 1-D real array of at least one log-weight (trace-time checks of shape and dtype)."""
+    if not hasattr(log_weights, "dtype") and not isinstance(log_weights, (list, tuple)):
+        _checks.fail("log_weights", log_weights, "a 1-D array of log-weights", "Pass `jnp.log(weights)`.", TypeError)
+    lw = jnp.asarray(log_weights)
+    if not (jnp.issubdtype(lw.dtype, jnp.floating) or jnp.issubdtype(lw.dtype, jnp.integer)):
+        _checks.fail("log_weights", log_weights, "a real array of log-weights", "Pass `jnp.log(weights)`.", TypeError)
+    if lw.ndim != 1 or lw.shape[0] == 0:
+        raise ValueError(
+            f"`log_weights` must be a 1-D array with at least one entry (one log-weight per particle), got shape "
+            f"{lw.shape}. For several particle systems, vmap over the leading axis instead of flattening it."
+        )
+    return lw.astype(jnp.result_type(lw.dtype, jnp.float32))
+
+
 def _clean(log_weights):
     """NaN -> -inf; if any entry is +inf, those entries become 0 and all others -inf."""
-    lw = jnp.asarray(log_weights)
+    lw = _check_log_weights(log_weights)
     lw = jnp.where(jnp.isnan(lw), -jnp.inf, lw)
     pos_inf = lw == jnp.inf
     return jnp.where(pos_inf.any(), jnp.where(pos_inf, 0.0, -jnp.inf), lw)
@@ -97,14 +122,15 @@ def _inverse_cdf(cdf, u):
     return jnp.where(total > 0, jnp.minimum(idx, n - 1), identity)
 
 
-def _check_num_samples(num_samples):
+def _check_num_samples(num_samples, key=None):
     if not isinstance(num_samples, int) or isinstance(num_samples, bool) or num_samples < 1:
         raise ValueError(f"`num_samples` must be a positive Python int, got {num_samples!r}.")
+    _checks.prng_key("key", key)
 
 
 def multinomial(key, log_weights, num_samples: int):
     """Multinomial resampling: i.i.d. draws from Categorical(w). Highest offspring variance N w (1 - w)."""
-    _check_num_samples(num_samples)
+    _check_num_samples(num_samples, key)
     cdf = _unnormalized_cdf(log_weights)
     u = jax.random.uniform(key, (num_samples,), dtype=cdf.dtype)
     return _inverse_cdf(cdf, u)
@@ -134,16 +160,30 @@ def stratified(key, log_weights, num_samples: int):
 
     Returns sorted ancestors.
     """
-    _check_num_samples(num_samples)
+    _check_num_samples(num_samples, key)
     return _ancestors_from_strata(log_weights, num_samples, jax.random.uniform(key, (num_samples,)))
 
 
 def systematic(key, log_weights, num_samples: int):
     """Systematic resampling (Carpenter, Clifford & Fearnhead, 1999): one uniform shared by all strata.
 
-    The offspring count of particle i is floor(M w_i) or ceil(M w_i). Returns sorted ancestors.
+    The offspring count of particle i is floor(M w_i) or ceil(M w_i), with w = softmax(log_weights).
+
+    Args:
+        key: PRNG key.
+        log_weights: shape ``(N,)``, the *log* of the unnormalized weights (``jnp.log(weights)``, not the
+            weights themselves as in blackjax); NaN and -inf mean weight zero.
+        num_samples: M, the number of ancestors (a Python int).
+
+    Returns:
+        Sorted int32 ancestors, shape ``(M,)``, in [0, N).
+
+    Example:
+        >>> idx = systematic(jax.random.key(0), jnp.log(jnp.array([0.5, 0.5])), 4)
+        >>> idx.tolist()
+        [0, 0, 1, 1]
     """
-    _check_num_samples(num_samples)
+    _check_num_samples(num_samples, key)
     u = jax.random.uniform(key, ())
     return _ancestors_from_strata(log_weights, num_samples, jnp.broadcast_to(u, (num_samples,)))
 
@@ -154,7 +194,7 @@ def residual(key, log_weights, num_samples: int):
     Static shapes: output slot j < D = sum_i floor(M w_i) takes the particle whose deterministic block
     covers j; slots j >= D take a multinomial draw from the residual weights M w_i - floor(M w_i).
     """
-    _check_num_samples(num_samples)
+    _check_num_samples(num_samples, key)
     lw, _ = log_normalize(log_weights)
     scaled = num_samples * jnp.exp(lw)
     copies = jnp.floor(scaled)
@@ -176,8 +216,30 @@ RESAMPLERS: dict[str, Resampler] = {
 }
 
 
+def check_ancestors(resampler: Resampler, num_particles: int, dtype=jnp.float32) -> None:
+    """Trace-time check that ``resampler(key, log_weights, num_particles)`` returns ``num_particles`` integer indices."""
+    lw = jax.ShapeDtypeStruct((num_particles,), dtype)
+    try:
+        out = jax.eval_shape(lambda k, w: resampler(k, w, num_particles), jax.random.key(0), lw)
+    except TypeError:  # a raw-key resampler: try a uint32 key
+        out = jax.eval_shape(lambda k, w: resampler(k, w, num_particles), jax.random.PRNGKey(0), lw)
+    shape, odtype = getattr(out, "shape", None), getattr(out, "dtype", None)
+    if shape != (num_particles,) or odtype is None or not jnp.issubdtype(odtype, jnp.integer):
+        what = f"shape {shape} and dtype {odtype}" if shape is not None else _checks.show(out)
+        raise TypeError(
+            f"The resampler `{getattr(resampler, '__name__', resampler)!r}` must return {num_particles} integer ancestor "
+            f"indices (shape ({num_particles},), an int dtype), got {what}. A resampler is "
+            "`(key, log_weights, num_samples) -> int32 indices in [0, N)`."
+        )
+
+
 def get_resampler(name_or_fn) -> Resampler:
-    """A resampler from its name (one of ``RESAMPLERS``) or a callable with the same signature."""
+    """A resampler from its name (one of ``RESAMPLERS``) or a callable with the same signature.
+
+    A custom resampler returns ``num_samples`` int indices in [0, N); ``fkc.sample`` checks the shape and dtype
+    at trace time, and an index out of range gives a NaN particle with weight zero (counted in
+    ``FKCResult.num_nonfinite``; ``checks=True`` raises), never a silently clamped one.
+    """
     if callable(name_or_fn):
         return name_or_fn
     if name_or_fn not in RESAMPLERS:

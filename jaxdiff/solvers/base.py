@@ -12,6 +12,10 @@ noise for SDE solvers). Per evaluation k the driver computes
 (DPM-Solver-v3 generalises this by coordinate: its rows are arrays of the data shape, the
 history keeps D_k + mix_k y_k, and both updates get a constant term; see ``Coefficients``.)
 
+Noise-prediction solvers may mark rows whose evaluation stores the data prediction x0 instead of eps
+(``use_x0``): their step from pure noise (alpha = 0, lambda = -inf), where the noise formulation has no
+finite coefficients, is the limit of the data formulation, x_1 = (sigma_1/sigma_0) x_0 + alpha_1 x0_hat.
+
 Multistep methods (DPM-Solver++ 2M/3M, DDIM, DEIS) use base = y_k; predictor-correctors (UniPC)
 keep the corrected point as the anchor; singlestep/Runge-Kutta methods keep the start of the
 step as the anchor while their stages run. A solver is therefore mostly data: it states its
@@ -31,7 +35,19 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-__all__ = ["Solver", "Layout", "Coefficients", "Grid", "grid", "step_orders", "step_terms", "lower_order_final_active"]
+__all__ = [
+    "Solver",
+    "Layout",
+    "Coefficients",
+    "Grid",
+    "grid",
+    "step_orders",
+    "step_terms",
+    "lower_order_final_active",
+    "pure_noise_start",
+    "restart_orders",
+    "data_step",
+]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -63,6 +79,7 @@ class Coefficients(NamedTuple):
     noise: jax.Array  # (M,) standard deviation of the added Gaussian noise
     mix: jax.Array | None = None  # (M[, *e]): the history stores D_k + mix_k y_k instead of D_k
     offset: jax.Array | None = None  # (M, 2[, *e]): constants added to anchor' and to y_{k+1}
+    use_x0: jax.Array | None = None  # (M,) bool, noise solvers: evaluation k stores x0 instead of eps
 
 
 class Grid(NamedTuple):
@@ -79,6 +96,57 @@ class Grid(NamedTuple):
 def grid(schedule, ts) -> Grid:
     la, ls = schedule.log_alpha(ts), schedule.log_sigma(ts)
     return Grid(ts, la, ls, jnp.exp(la), jnp.exp(ls), la - ls)
+
+
+def pure_noise_start(g: Grid) -> jax.Array:
+    """Whether the grid starts at alpha = 0 (lambda = -inf): a traced bool, decided on the grid values."""
+    return jnp.isneginf(g.log_alpha[0])
+
+
+def restart_orders(orders, g: Grid) -> jax.Array:
+    """Multistep orders when the history restarts after a first point at alpha = 0.
+
+    The polynomial through a node at lambda = -inf (or rho = sigma/alpha = +inf) degenerates to the one
+    through the remaining nodes: the limit of every Adams/Vandermonde row with one infinite node is the row
+    of one order lower without it. So step p (from grid point p) uses at most p points when point 0 is pure
+    noise, and step 0 is first order.
+    """
+    orders = jnp.asarray(orders)
+    p = jnp.arange(orders.shape[0])
+    return jnp.where(pure_noise_start(g), jnp.minimum(orders, jnp.maximum(p, 1)), orders)
+
+
+def data_step(g: Grid, s, t):
+    """(ratio, x0 coefficient) of the first-order data-prediction step from grid index s to t.
+
+    x_t = (sigma_t/sigma_s) x_s + (alpha_t - alpha_s sigma_t/sigma_s) x0_hat(x_s): DDIM, finite at alpha_s = 0
+    (where it is the limit of every solver's first step) and into sigma_t = 0.
+    """
+    ratio = jnp.exp(g.log_sigma[t] - g.log_sigma[s])
+    return ratio, g.alpha[t] - jnp.exp(g.log_sigma[t] + g.log_alpha[s] - g.log_sigma[s])
+
+
+def check_lower_order_final(value) -> None:
+    """``lower_order_final`` is True, False or a positive int (a static grid-length threshold)."""
+    if isinstance(value, (bool, np.bool_)):
+        return
+    from jaxdiff import _checks
+
+    _checks.static_int("lower_order_final", value, minimum=1,
+                       hint="Pass True, False, or an int n (lower orders only on grids of fewer than n steps).")
+
+
+def first_row_from_pure_noise(g: Grid, y_rows, k: int):
+    """Replace row 0 of a noise solver by the data step from alpha = 0 where the grid starts there.
+
+    Returns the rows and the ``use_x0`` flags (eval 0 stores x0 there).
+    """
+    ratio, c = data_step(g, 0, 1)
+    row = jnp.concatenate([jnp.stack([ratio, c]), jnp.zeros((k - 1,), y_rows.dtype)]).astype(y_rows.dtype)
+    z0 = pure_noise_start(g)
+    rows = y_rows.at[0].set(jnp.where(z0, row, y_rows[0]))
+    use_x0 = jnp.zeros((y_rows.shape[0],), bool).at[0].set(z0)
+    return rows, use_x0
 
 
 def lower_order_final_active(lower_order_final, num_steps: int) -> bool:
@@ -126,6 +194,16 @@ class Solver(abc.ABC):
     def check_state(self, x) -> None:
         """Trace-time check that the solver can integrate a state shaped like ``x`` (raise ValueError)."""
 
+    def check_final_zero(self) -> None:
+        """Trace-time check for a concrete grid that ends at sigma = 0 (raise ValueError if unsupported)."""
+
+    def check_pure_noise_start(self) -> None:
+        """Trace-time check for a concrete grid that starts at alpha = 0 (raise ValueError if unsupported).
+
+        ODE solvers take the limit of their first step there (see ``jaxdiff.sample``); a solver whose step
+        has no limit at alpha = 0 overrides this with an error that names the solvers that work.
+        """
+
     def nfe(self, num_steps: int) -> int:
         """Model evaluations for a grid of ``num_steps`` steps."""
         return self.layout(num_steps).num_evals
@@ -145,7 +223,8 @@ class StepTerms(NamedTuple):
     scale: jax.Array
     scale_phi1: jax.Array  # scale * phi_1, finite also when sigma_t = 0 or alpha_s = 0
     hh: jax.Array  # finite stand-in where h is infinite (those rows are first order)
-    h: jax.Array
+    h: jax.Array  # h, with the stand-in 1 where it is infinite
+    finite: jax.Array  # whether h is finite (False from alpha = 0 or into sigma = 0)
 
 
 def step_terms(g: Grid, s, t, prediction: str) -> StepTerms:
@@ -166,7 +245,7 @@ def step_terms(g: Grid, s, t, prediction: str) -> StepTerms:
     h_safe = jnp.where(finite, h, 1.0)
     hh = sign * h_safe
     scale_phi1 = jnp.where(finite, scale * jnp.expm1(hh), cross - scale)
-    return StepTerms(ratio, scale, scale_phi1, hh, h_safe)
+    return StepTerms(ratio, scale, scale_phi1, hh, h_safe, finite)
 
 
 def lag_vectors(*cols, k: int):

@@ -13,6 +13,7 @@ import dataclasses
 import jax.numpy as jnp
 import numpy as np
 
+from jaxdiff import _checks
 from jaxdiff.solvers.base import Coefficients, Layout, Solver, grid
 
 __all__ = ["DDIM", "DDPM", "Euler"]
@@ -32,8 +33,8 @@ class DDIM(Solver):
     order = 1
 
     def __post_init__(self):
-        if not 0.0 <= self.eta <= 1.0:
-            raise ValueError(f"`eta={self.eta!r}` must lie in [0, 1].")
+        _checks.real_number("eta", self.eta, lo=0.0, hi=1.0,
+                            hint="0 is the deterministic DDIM, 1 DDPM's ancestral step (static: a Python float).")
 
     @property
     def stochastic(self) -> bool:

@@ -9,7 +9,9 @@ and integrates it exactly:
 
 with lower orders during warm-up (and in the last steps with ``lower_order_final``). The integrals
 are exact (Gauss-Legendre on a polynomial), so no Riemann sum as in the reference code. The step
-into sigma = 0 is regular in rho (rho -> 0).
+into sigma = 0 is regular in rho (rho -> 0). From pure noise (alpha = 0, rho = +inf) the first step is the
+data step x_1 = (sigma_1/sigma_0) x_0 + alpha_1 x0_hat (the limit of y_1 = y_0 + (rho_1 - rho_0) eps_0,
+which the noise formulation cannot express), and the polynomials of later steps drop the infinite node.
 """
 
 from __future__ import annotations
@@ -19,7 +21,17 @@ import dataclasses
 import jax.numpy as jnp
 import numpy as np
 
-from jaxdiff.solvers.base import Coefficients, Layout, Solver, grid, step_orders
+from jaxdiff import _checks
+from jaxdiff.solvers.base import (
+    Coefficients,
+    Layout,
+    Solver,
+    check_lower_order_final,
+    first_row_from_pure_noise,
+    grid,
+    restart_orders,
+    step_orders,
+)
 
 __all__ = ["DEIS"]
 
@@ -58,8 +70,8 @@ class DEIS(Solver):
     prediction = "noise"
 
     def __post_init__(self):
-        if self.order not in (1, 2, 3, 4):
-            raise ValueError(f"`order={self.order!r}` is not supported; use 1, 2, 3 or 4.")
+        _checks.static_int("order", self.order, allowed=(1, 2, 3, 4))
+        check_lower_order_final(self.lower_order_final)
 
     def min_steps(self) -> int:
         return self.order
@@ -71,16 +83,23 @@ class DEIS(Solver):
         g = grid(schedule, ts)
         n = ts.shape[0] - 1
         i = np.arange(n)
-        rho = jnp.exp(g.log_sigma - g.log_alpha)
-        orders = step_orders(n, self.order, self.lower_order_final)
+        finite = jnp.isfinite(g.log_alpha)
+        # rho = sigma/alpha; a stand-in 1 at alpha = 0 (that row is replaced by the data step below)
+        rho = jnp.where(finite, jnp.exp(g.log_sigma - jnp.where(finite, g.log_alpha, 0.0)), 1.0)
+        orders = restart_orders(step_orders(n, self.order, self.lower_order_final), g)
         cols = [jnp.zeros((n,), rho.dtype) for _ in range(self.order)]
         for p in range(1, self.order + 1):
-            sel = jnp.asarray(orders == p)
-            # nodes rho_i, rho_{i-1}, ...; rows without enough history use harmless distinct fill-ins
-            nodes = [jnp.where(jnp.asarray(i - j >= 0), rho[np.maximum(i - j, 0)], rho[i] * (1.0 + j)) for j in range(p)]
+            sel = orders == p
+            # nodes rho_i, rho_{i-1}, ...; rows without those points use harmless distinct fill-ins
+            nodes = []
+            for j in range(p):
+                valid = jnp.asarray(i - j >= 0) & finite[np.maximum(i - j, 0)]
+                nodes.append(jnp.where(valid, rho[np.maximum(i - j, 0)], rho[i] * (2.0 + j)))
             for j, c in enumerate(lagrange_integrals(nodes, rho[i], rho[i + 1])):
                 cols[j] = cols[j] + jnp.where(sel, c, 0.0)
         alpha_next = g.alpha[i + 1]
-        ratio = jnp.exp(g.log_alpha[i + 1] - g.log_alpha[i])
+        ratio = jnp.exp(g.log_alpha[i + 1] - jnp.where(finite[i], g.log_alpha[i], 0.0))
         y = jnp.concatenate([ratio[:, None], alpha_next[:, None] * jnp.stack(cols, 1)], axis=1)
-        return Coefficients(t=ts[:-1], anchor=jnp.zeros((n, 2 + self.order), y.dtype), y=y, noise=jnp.zeros((n,), y.dtype))
+        y, use_x0 = first_row_from_pure_noise(g, y, self.order)
+        return Coefficients(t=ts[:-1], anchor=jnp.zeros((n, 2 + self.order), y.dtype), y=y, noise=jnp.zeros((n,), y.dtype),
+                            use_x0=use_x0)

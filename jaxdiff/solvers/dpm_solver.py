@@ -24,13 +24,18 @@ import dataclasses
 import jax.numpy as jnp
 import numpy as np
 
+from jaxdiff import _checks
 from jaxdiff.solvers.base import (
     Coefficients,
     Layout,
     Solver,
-    lower_order_final_active,
+    check_lower_order_final,
+    first_row_from_pure_noise,
     grid,
     lag_vectors,
+    lower_order_final_active,
+    pure_noise_start,
+    restart_orders,
     step_orders,
     step_terms,
 )
@@ -86,18 +91,26 @@ class DPMSolverPP(Solver):
     prediction = "data"
 
     def __post_init__(self):
-        if self.order not in (1, 2, 3):
-            raise ValueError(f"`order={self.order!r}` is not supported; use 1, 2 or 3.")
+        _check_order(self.order, (1, 2, 3))
         for name, value, allowed in (
             ("method", self.method, _METHODS),
             ("solver_type", self.solver_type, _SOLVER_TYPES),
             ("third_order", self.third_order, _THIRD_ORDER),
         ):
-            if value not in allowed:
-                raise ValueError(f"Unknown `{name}={value!r}`; expected one of {allowed}.")
+            _checks.choice(name, value, allowed)
+        check_lower_order_final(self.lower_order_final)
+        _checks.static_bool("denoise_to_zero", self.denoise_to_zero)
 
     def min_steps(self) -> int:
         return self.order
+
+    def check_final_zero(self) -> None:
+        if self.denoise_to_zero:
+            raise ValueError(
+                f"`{type(self).__name__}(denoise_to_zero=True)` evaluates the model once more at `ts[-1]`, but the grid "
+                "already ends at sigma = 0, where the last step returns the data prediction and a noise or score "
+                "model is undefined. Drop `denoise_to_zero`, or end the grid at sigma > 0 (`final='sigma_min'`)."
+            )
 
     def _orders(self, num_steps: int) -> np.ndarray:
         if self.method == "multistep":
@@ -119,28 +132,47 @@ class DPMSolverPP(Solver):
         g = grid(schedule, ts)
         n = ts.shape[0] - 1
         k = self.order
-        orders = self._orders(n)
         p = np.arange(n)
+        z0 = pure_noise_start(g)
         if self.method == "multistep":
-            start = p
-            y_rows = self._multistep_rows(g, p, orders)
+            # from pure noise the history restarts after point 0 (the limit of the rows; see restart_orders)
+            y_rows = self._multistep_rows(g, p, restart_orders(self._orders(n), g))
+            anchor = jnp.zeros((n, 2 + k), y_rows.dtype)
         else:
-            start = p - (orders - 1)
-            y_rows = self._singlestep_rows(g, p, start, orders)
+            y_rows, anchor = self._singlestep(g, p, self._orders(n))
+            if n > 1:
+                # from pure noise the first interval is a block of its own: the blocks after it start at
+                # finite lambda, where a block from lambda = -inf could only take a first-order step
+                shifted = np.concatenate([[1], singlestep_orders(n - 1, self.order, self.lower_order_final)])
+                y_b, anchor_b = self._singlestep(g, p, shifted)
+                y_rows, anchor = jnp.where(z0, y_b, y_rows), jnp.where(z0, anchor_b, anchor)
         y_rows = _first_order_into_zero(g, y_rows, self.prediction, k)
-        anchor = jnp.zeros((n, 2 + k), y_rows.dtype)
+        use_x0 = None
+        if self.prediction == "noise":
+            y_rows, use_x0 = first_row_from_pure_noise(g, y_rows, k)
         if self.method == "singlestep":
-            # a block starts (anchor <- current point) where the stage order is 1
-            new_block = jnp.asarray(orders == 1)
-            new_block = new_block.at[-1].set(new_block[-1] | (g.sigma[-1] == 0))
-            anchor = anchor.at[:, 0].set(jnp.where(new_block, 0.0, 1.0)).at[:, 1].set(jnp.where(new_block, 1.0, 0.0))
+            anchor = anchor.at[-1, 0].set(jnp.where(g.sigma[-1] == 0, 0.0, anchor[-1, 0]))
+            anchor = anchor.at[-1, 1].set(jnp.where(g.sigma[-1] == 0, 1.0, anchor[-1, 1]))
         t = ts[:-1]
         if self.denoise_to_zero:
             t, anchor, y_rows = _append_denoise_row(g, ts, t, anchor, y_rows, self.prediction, k)
-        return Coefficients(t=t, anchor=anchor, y=y_rows, noise=jnp.zeros_like(t))
+            if use_x0 is not None:
+                use_x0 = jnp.concatenate([use_x0, jnp.zeros((1,), bool)])
+        return Coefficients(t=t, anchor=anchor, y=y_rows, noise=jnp.zeros_like(t), use_x0=use_x0)
+
+    def _singlestep(self, g, p, orders):
+        """Rows and anchor rows for singlestep blocks with the given stage orders (static)."""
+        n, k = p.shape[0], self.order
+        start = p - (orders - 1)
+        y_rows = self._singlestep_rows(g, p, start, orders)
+        # a block starts (anchor <- current point) where the stage order is 1
+        new_block = jnp.asarray(orders == 1)
+        anchor = jnp.zeros((n, 2 + k), y_rows.dtype)
+        anchor = anchor.at[:, 0].set(jnp.where(new_block, 0.0, 1.0)).at[:, 1].set(jnp.where(new_block, 1.0, 0.0))
+        return y_rows, anchor
 
     def _multistep_rows(self, g, p, orders):
-        n, k = p.shape[0], self.order
+        k = self.order
         terms = step_terms(g, p, p + 1, self.prediction)
         lag0 = -terms.scale_phi1
         cols = [lag0, jnp.zeros_like(lag0), jnp.zeros_like(lag0)]
@@ -207,6 +239,10 @@ class DPMSolver(DPMSolverPP):
     """
 
     prediction = "noise"
+
+
+def _check_order(order, allowed):
+    _checks.static_int("order", order, allowed=allowed)
 
 
 def _first_order_into_zero(g, y_rows, prediction, k):

@@ -46,20 +46,18 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jaxdiff import _checks
 from jaxdiff.solvers.base import Coefficients, Layout, Solver, step_orders
 
 __all__ = ["EMS", "DPMSolverV3", "compute_ems"]
 
 
 def _concrete(x, what: str) -> np.ndarray:
-    try:
-        return np.asarray(x, np.float64)
-    except Exception:  # a tracer
-        raise ValueError(
-            f"DPMSolverV3 builds its per-coordinate coefficients in float64 numpy and needs a concrete {what}: "
-            "close over the grid and the denoiser (e.g. `jax.jit(lambda x: jd.sample(den, x, ts, solver))`) instead "
-            "of passing them as traced arguments."
-        ) from None
+    return _checks.require_concrete(x, (
+        f"DPMSolverV3 builds its per-coordinate coefficients in float64 numpy and needs a concrete {what}: "
+        "close over the grid and the denoiser (e.g. `jax.jit(lambda x: jd.sample(den, x, ts, solver))`) instead "
+        "of passing them as traced arguments."
+    ))
 
 
 @dataclasses.dataclass(frozen=True, eq=False)

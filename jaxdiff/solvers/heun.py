@@ -8,6 +8,11 @@ for every schedule (for EDM/VE, alpha = 1 and rho = sigma). Euler in these varia
 
 Two evaluations per step; the last step is an Euler step when ``final_euler`` (EDM's rule for a
 final sigma = 0, where the second slope is undefined): NFE = 2N - 1.
+
+From pure noise (alpha = 0, rho = +inf) the first step has no limit in (y, rho); it is Heun's method in
+the data variables u = x/sigma, r = alpha/sigma = 1/rho instead (du/dr = x0_hat, an interval [0, r_1]):
+the Euler predictor is the data step x' = (sigma_1/sigma_0) x_0 + alpha_1 x0_hat(x_0), the corrector the
+trapezoid x_1 = (sigma_1/sigma_0) x_0 + alpha_1 (x0_hat(x_0) + x0_hat(x', t_1)) / 2. Same NFE.
 """
 
 from __future__ import annotations
@@ -17,7 +22,8 @@ import dataclasses
 import jax.numpy as jnp
 import numpy as np
 
-from jaxdiff.solvers.base import Coefficients, Layout, Solver, grid
+from jaxdiff import _checks
+from jaxdiff.solvers.base import Coefficients, Layout, Solver, data_step, grid, pure_noise_start
 
 __all__ = ["Heun"]
 
@@ -39,6 +45,17 @@ class Heun(Solver):
     prediction = "noise"
     order = 2
 
+    def __post_init__(self):
+        _checks.static_bool("final_euler", self.final_euler)
+
+    def check_final_zero(self) -> None:
+        if not self.final_euler:
+            raise ValueError(
+                "`Heun(final_euler=False)` evaluates the model at the last grid point, but `ts[-1]` is sigma = 0, "
+                "where the noise prediction is undefined. Use `Heun()` (a final Euler step, EDM's rule) or end the "
+                "grid at sigma > 0 (`final='sigma_min'`)."
+            )
+
     def layout(self, num_steps: int) -> Layout:
         m = 2 * num_steps - int(self.final_euler)
         return Layout(num_evals=m, history=2, uses_anchor=True, step_end=(False, True) * num_steps if not self.final_euler
@@ -48,9 +65,16 @@ class Heun(Solver):
         g = grid(schedule, ts)
         n = ts.shape[0] - 1
         s, t = np.arange(n), np.arange(1, n + 1)
-        ratio = jnp.exp(g.log_alpha[t] - g.log_alpha[s])
+        z0 = pure_noise_start(g)
+        first = jnp.asarray(s == 0) & z0
+        finite_s = jnp.isfinite(g.log_alpha[s])
+        la_s = jnp.where(finite_s, g.log_alpha[s], 0.0)  # stand-in at alpha = 0, where the data step is used
+        ratio = jnp.exp(g.log_alpha[t] - la_s)
         # alpha_t (rho_t - rho_s), written with logs so alpha_s -> 0 stays finite where it can
-        slope = g.sigma[t] - jnp.exp(g.log_alpha[t] + g.log_sigma[s] - g.log_alpha[s])
+        slope = g.sigma[t] - jnp.exp(g.log_alpha[t] + g.log_sigma[s] - la_s)
+        # the step from alpha = 0: the same two stages in (u, r) with x0 (see the module docstring)
+        ratio_d, slope_d = data_step(g, 0, 1)
+        ratio, slope = jnp.where(first, ratio_d, ratio), jnp.where(first, slope_d, slope)
         zeros = jnp.zeros_like(ratio)
         ones = jnp.ones_like(ratio)
         # stage 1 (at x_i): anchor <- y; y <- Euler predictor
@@ -62,6 +86,7 @@ class Heun(Solver):
         t_eval = jnp.stack([ts[:-1], ts[1:]], 1).reshape(-1)
         a = jnp.stack([a1, a2], 1).reshape(2 * n, 4)
         b = jnp.stack([b1, b2], 1).reshape(2 * n, 3)
+        use_x0 = jnp.zeros((2 * n,), bool).at[:2].set(z0)
         if self.final_euler:
-            t_eval, a, b = t_eval[:-1], a[:-1], b[:-1]
-        return Coefficients(t=t_eval, anchor=a, y=b, noise=jnp.zeros_like(t_eval))
+            t_eval, a, b, use_x0 = t_eval[:-1], a[:-1], b[:-1], use_x0[:-1]
+        return Coefficients(t=t_eval, anchor=a, y=b, noise=jnp.zeros_like(t_eval), use_x0=use_x0)

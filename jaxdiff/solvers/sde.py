@@ -18,7 +18,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxdiff.solvers.base import Coefficients, Layout, Solver, grid, step_orders
+from jaxdiff import _checks
+from jaxdiff.solvers.base import Coefficients, Layout, Solver, check_lower_order_final, grid, step_orders
 
 __all__ = ["DPMSolverPPSDE", "EulerMaruyama"]
 
@@ -41,10 +42,9 @@ class DPMSolverPPSDE(Solver):
     stochastic = True
 
     def __post_init__(self):
-        if self.order not in (1, 2):
-            raise ValueError(f"`order={self.order!r}` is not supported; use 1 or 2.")
-        if self.solver_type not in ("midpoint", "heun"):
-            raise ValueError(f"Unknown `solver_type={self.solver_type!r}`; expected 'midpoint' or 'heun'.")
+        _checks.static_int("order", self.order, allowed=(1, 2))
+        _checks.choice("solver_type", self.solver_type, ("midpoint", "heun"))
+        check_lower_order_final(self.lower_order_final)
 
     def min_steps(self) -> int:
         return self.order
@@ -87,6 +87,13 @@ class EulerMaruyama(Solver):
     prediction = "noise"
     stochastic = True
     order = 1
+
+    def check_pure_noise_start(self) -> None:
+        raise ValueError(
+            "`EulerMaruyama` cannot start at pure noise (alpha(ts[0]) = 0): the reverse SDE's drift f x - g^2 score "
+            "is infinite there (f = dlog alpha/dt = -inf). Use `DDPM()` or `DPMSolverPPSDE()`, whose exact Gaussian "
+            "transitions are finite from alpha = 0, or start the grid where alpha > 0."
+        )
 
     def layout(self, num_steps: int) -> Layout:
         return Layout.multistep(num_steps, 1)

@@ -14,6 +14,12 @@ the order-1 corrector rho = 1/2 exactly, as in the reference code and diffusers.
 The history holds evaluations at *predicted* points, as in the reference. The step into
 sigma = 0 is first order without corrector, which is why diffusers' bh1 returns NaN there and
 this implementation does not.
+
+From pure noise (alpha = 0, h = +inf) the rows are the limits: the predictor is the data step
+x_1 = (sigma_1/sigma_0) x_0 + alpha_1 D_0, the bh2 corrector (B(h) -> -1, rho = 1/2) becomes
+x_1 = (sigma_1/sigma_0) x_0 + alpha_1 (D_0 + D_1)/2, the trapezoid in r = e^lambda (second order), and
+later steps drop the infinite node (their r would be -inf). bh1's corrector (B(h) = h) and the noise
+formulation's (B(h) = e^h - 1) have no finite limit: that one step is left uncorrected.
 """
 
 from __future__ import annotations
@@ -23,11 +29,33 @@ import dataclasses
 import jax.numpy as jnp
 import numpy as np
 
-from jaxdiff.solvers.base import Coefficients, Layout, Solver, grid, step_orders, step_terms
+from jaxdiff import _checks
+from jaxdiff.solvers.base import (
+    Coefficients,
+    Layout,
+    Solver,
+    check_lower_order_final,
+    first_row_from_pure_noise,
+    grid,
+    restart_orders,
+    step_orders,
+    step_terms,
+)
 
 __all__ = ["UniPC"]
 
 _VARIANTS = ("bh1", "bh2")
+
+
+def _step_indices(name: str, value) -> tuple[int, ...]:
+    """A tuple of step indices (Python ints >= 0), from any iterable of them."""
+    try:
+        items = tuple(value)
+    except TypeError:
+        raise TypeError(_checks.message(name, value, "a tuple of step indices (ints)", "E.g. `(0, 1)`.")) from None
+    for i in items:
+        _checks.static_int(name, i, minimum=0, hint=f"`{name}` lists step indices, e.g. `(0, 1)`.")
+    return tuple(int(i) for i in items)
 
 
 def _rhos(r_cols, b_vals, order: int, corrector: bool):
@@ -72,13 +100,12 @@ class UniPC(Solver):
     use_corrector: bool = True
 
     def __post_init__(self):
-        if self.order not in (1, 2, 3):
-            raise ValueError(f"`order={self.order!r}` is not supported; use 1, 2 or 3.")
-        if self.variant not in _VARIANTS:
-            raise ValueError(f"Unknown `variant={self.variant!r}`; expected one of {_VARIANTS}.")
-        if self.prediction not in ("data", "noise"):
-            raise ValueError(f"Unknown `prediction={self.prediction!r}`; expected 'data' or 'noise'.")
-        object.__setattr__(self, "disable_corrector", tuple(self.disable_corrector))
+        _checks.static_int("order", self.order, allowed=(1, 2, 3))
+        _checks.choice("variant", self.variant, _VARIANTS)
+        _checks.choice("prediction", self.prediction, ("data", "noise"))
+        check_lower_order_final(self.lower_order_final)
+        _checks.static_bool("use_corrector", self.use_corrector)
+        object.__setattr__(self, "disable_corrector", _step_indices("disable_corrector", self.disable_corrector))
 
     def min_steps(self) -> int:
         return self.order
@@ -87,9 +114,15 @@ class UniPC(Solver):
         return Layout(num_evals=num_steps, history=self.order + 1, uses_anchor=True, step_end=(True,) * num_steps)
 
     def _b_terms(self, terms, size: int):
-        """b_i = i! * h_phi_(i+1) / B(h) for i = 1..size, with the reference's h_phi recursion."""
+        """b_i = i! * h_phi_(i+1) / B(h) for i = 1..size, with the reference's h_phi recursion.
+
+        At an infinite step (from alpha = 0; only first-order rows, where only B(h) is used) B(h) is its
+        limit: -1 for bh2 in the data formulation, and infinite otherwise (those correctors are disabled).
+        """
         hh = terms.hh
         b_h = hh if self.variant == "bh1" else jnp.expm1(hh)
+        limit = -1.0 if (self.variant == "bh2" and self.prediction == "data") else 0.0
+        b_h = jnp.where(terms.finite, b_h, limit)
         h_phi_k = jnp.expm1(hh) / hh - 1.0
         out, factorial = [], 1
         for i in range(1, size + 1):
@@ -110,15 +143,15 @@ class UniPC(Solver):
         cols = [jnp.zeros_like(terms.h) for _ in range(k)]
         cols[off] = -terms.scale_phi1
         b_vals, b_h = self._b_terms(terms, 3)
-        for p in (1, 2, 3):
+        for p in range(1, self.order + 1):
             rows = orders == p
-            if not rows.any():
-                continue
             # past points s-1, ..., s-(p-1): r_m = (lam_{s-m} - lam_s)/h, at lag off + m
             r_cols, lag_of_r = [], []
             for m in range(1, p):
                 prev = np.maximum(s_idx - m, 0)
-                r_cols.append(jnp.where(jnp.asarray(s_idx - m >= 0), (g.lam[prev] - g.lam[s_idx]) / terms.h, -float(m)))
+                # rows without that point (warm-up, or a restart after pure noise) get a distinct fill-in
+                valid = jnp.asarray(s_idx - m >= 0) & jnp.isfinite(g.lam[prev])
+                r_cols.append(jnp.where(valid, (jnp.where(valid, g.lam[prev], 0.0) - g.lam[s_idx]) / terms.h, -float(m)))
                 lag_of_r.append(off + m)
             if corrector:
                 r_cols.append(jnp.ones_like(terms.h))
@@ -136,7 +169,8 @@ class UniPC(Solver):
         g = grid(schedule, ts)
         n = ts.shape[0] - 1
         k = self.order + 1
-        orders = step_orders(n, self.order, self.lower_order_final)
+        # from pure noise the history restarts after point 0 (the limit of the rows; see restart_orders)
+        orders = restart_orders(step_orders(n, self.order, self.lower_order_final), g)
         p = np.arange(n)
         # Predictor rows: step p from x_p (the corrected anchor) to the predicted x_{p+1}.
         ratio_p, cols_p = self._update(g, p, orders, corrector=False)
@@ -153,8 +187,14 @@ class UniPC(Solver):
         if n > 1:
             q = np.arange(n - 1)  # correct the step q -> q+1 at evaluation q+1
             ratio_c, cols_c = self._update(g, q, orders[:-1], corrector=True)
-            enabled = np.array([self.use_corrector and i not in self.disable_corrector for i in q])
+            enabled = jnp.asarray(np.array([self.use_corrector and i not in self.disable_corrector for i in q]))
+            if self.variant == "bh1" or self.prediction == "noise":
+                # no finite limit of B(h) from alpha = 0: that step stays uncorrected
+                enabled = enabled & jnp.isfinite(g.lam[q + 1] - g.lam[q])
             corr = jnp.concatenate([ratio_c[:, None], jnp.zeros((n - 1, 1)), jnp.stack(cols_c, axis=1)], axis=1)
             keep = anchor[1:]
-            anchor = anchor.at[1:].set(jnp.where(jnp.asarray(enabled)[:, None], corr.astype(keep.dtype), keep))
-        return Coefficients(t=ts[:-1], anchor=anchor, y=y_rows, noise=jnp.zeros((n,), y_rows.dtype))
+            anchor = anchor.at[1:].set(jnp.where(enabled[:, None], corr.astype(keep.dtype), keep))
+        use_x0 = None
+        if self.prediction == "noise":
+            y_rows, use_x0 = first_row_from_pure_noise(g, y_rows, k)
+        return Coefficients(t=ts[:-1], anchor=anchor, y=y_rows, noise=jnp.zeros((n,), y_rows.dtype), use_x0=use_x0)

@@ -167,6 +167,7 @@ def _pad(coef, layout):
         anchor=jnp.concatenate([jnp.pad(coef.anchor, ((0, 0), (0, _K - k))), identity_a]),
         y=jnp.concatenate([jnp.pad(coef.y, ((0, 0), (0, _K - k))), identity_y]),
         noise=jnp.zeros((_M,), coef.y.dtype),
+        use_x0=None if coef.use_x0 is None else jnp.concatenate([coef.use_x0, jnp.zeros((_M - m,), bool)]),
     )
 
 

@@ -259,17 +259,17 @@ def test_bad_arguments():
         fkc.sample(target, x, ts, key, args=gd, num_particles=100)
     with pytest.raises(ValueError, match="`ts` must be strictly decreasing"):
         fkc.sample(target, x, ts[::-1], key, args=gd)
-    with pytest.raises(ValueError, match=r"`ess_threshold` must be in \[0, 1\]"):
+    with pytest.raises(ValueError, match=r"`ess_threshold` must be a real number in \[0, 1\], got 2.0"):
         fkc.sample(target, x, ts, key, args=gd, ess_threshold=2.0)
     with pytest.raises(ValueError, match="`global_resampling=True` needs `axis_name`"):
         fkc.sample(target, x, ts, key, args=gd, global_resampling=True)
     with pytest.raises(ValueError, match="Unknown `resample='sys'`"):
         fkc.sample(target, x, ts, key, args=gd, resample="sys")
-    with pytest.raises(ValueError, match=r"`beta` \(inverse temperature\) must be > 0, got -1.0"):
+    with pytest.raises(ValueError, match=r"`beta` must be a finite inverse temperature > 0, got -1.0"):
         fkc.Anneal(target.denoisers[0], -1.0)
     with pytest.raises(ValueError, match="must be a tuple of 2 model args"):
         fkc.sample(fkc.Product(target.denoisers[0], target.denoisers[0]), x, ts, key, args=gd)
     with pytest.raises(ValueError, match="All denoisers must share one forward process"):
-        fkc.Product(target.denoisers[0], gd.denoiser(jd.VPLinear(beta_max=10.0)))
+        fkc.sample(fkc.Product(target.denoisers[0], gd.denoiser(jd.VPLinear(beta_max=10.0))), x, ts, key, args=(gd, gd))
     with pytest.raises(ValueError, match="Unknown `noise='hot'`"):
         fkc.Anneal(target.denoisers[0], 2.0, noise="hot")
