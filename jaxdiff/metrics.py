@@ -263,16 +263,17 @@ _FIRST_STEP_FRACTION = 64.0
 class _LambdaField:
     """dy/dlambda = e^lambda x0_hat(sigma y, t(lambda)) for y = x / sigma (DPM-Solver++'s form).
 
-    The denoiser and model args travel as flat leaves in diffrax's ``args`` and are rebuilt from their
-    (static, hashable) tree structures here: the term then compares equal across calls with the same model
-    function, so diffrax's jit cache is reused, and diffrax never rebuilds our pytrees with placeholder
-    leaves (which a pytree with a validating ``__init__`` could reject).
+    The denoiser and model args travel as flat leaves in diffrax's ``args`` (each distinct object once;
+    ``positions`` puts them back) and are rebuilt from their (static, hashable) tree structure here: the term
+    then compares equal across calls with the same model function, so diffrax's jit cache is reused, and a
+    leaf shared by both halves of a CFG pair stays one object (``jd.CFG`` then does not stack two copies).
     """
 
     treedef: Any
+    positions: tuple[int, ...]  # leaf i of the tree is unique leaf positions[i]
 
-    def __call__(self, lam, y, leaves):
-        denoiser, model_args = jax.tree.unflatten(self.treedef, leaves)
+    def __call__(self, lam, y, unique):
+        denoiser, model_args = jax.tree.unflatten(self.treedef, [unique[i] for i in self.positions])
         s = denoiser.schedule
         t = s.t_of_lambda(lam)
         x0 = denoiser.x0(s.sigma(t).astype(y.dtype) * y, t, model_args)
@@ -358,14 +359,19 @@ def reference_solve(
 
     y0 = jnp.asarray(x_T, dtype) / s.sigma(t0).astype(dtype)
     leaves, treedef = jax.tree.flatten((denoiser, args))
+    # a leaf that appears twice (the parameters in both halves of a CFG pair) crosses into diffrax once and
+    # comes back as one object in both places, so guidance does not stack two copies of it
+    first = {}
+    positions = tuple(first.setdefault(id(leaf), len(first)) for leaf in leaves)
+    unique = list({id(leaf): leaf for leaf in leaves}.values())
     sol = diffrax.diffeqsolve(
-        diffrax.ODETerm(_LambdaField(treedef)),
+        diffrax.ODETerm(_LambdaField(treedef, positions)),
         diffrax.Dopri8(),
         lam0,
         lam1,
         (lam1 - lam0) / _FIRST_STEP_FRACTION,
         y0,
-        args=leaves,
+        args=unique,
         # array tolerances: a new tolerance does not recompile diffrax's jitted solve
         stepsize_controller=diffrax.PIDController(rtol=jnp.asarray(rtol, dtype), atol=jnp.asarray(atol, dtype)),
         saveat=diffrax.SaveAt(t1=True),
