@@ -6,7 +6,9 @@ NFE 3, 4, 5, 6, 8, 10, 15, 20 on four grids (uniform in t, in sqrt t, in log-SNR
 classifier-free guidance scales 1 (the plain conditional model), 2 and 5. Two measures:
 
 - solver error: RMS (over pixels and samples) distance to the reference solve of the same guided ODE from
-  the same x_T (``jd.metrics.reference_solve``: Dopri8 in log-SNR, rtol = atol = 1e-7);
+  the same x_T (``jd.metrics.reference_solve``: Dopri8 in log-SNR, rtol = atol = 1e-5, which is 1.2e-5 from
+  the rtol = 1e-6 solve on this model; the discrete table's piecewise-linear log alpha makes the ODE only
+  piecewise smooth, so the adaptive solve takes ~2400 model calls, and even UniPC-3 at 200 steps is 3e-4 off);
 - Frechet distance in the shipped classifier's features against the held-out "test" split, next to the
   floor at the same n (a random "train" subset of N real images against the same test split).
 
@@ -94,7 +96,7 @@ def main(argv=None):
     for scale in scales:
         den = dataclasses.replace(den0, guidance=jd.CFG(jnp.asarray(scale)))
         args = jd.pretrained.digits_args(variables, labels, guidance=True)
-        ref = jd.metrics.reference_solve(den, x_T, t_max, t_min, args=args)
+        ref = jd.metrics.reference_solve(den, x_T, t_max, t_min, args=args, rtol=1e-5, atol=1e-5)
         print(f"scale {scale}: reference solve with {int(ref.nfe)} model calls", flush=True)
         ems = None
         if not opts.quick:
@@ -134,7 +136,7 @@ def main(argv=None):
         rows.append(row)
     best = best_grids(records)
     notes = (f"{n} samples (labels balanced), x_T fixed; FD floor (train subset of {n} vs the {test_x.shape[0]} test "
-             f"images) = {floor:.3f}. Error = RMS distance to the Dopri8 reference solve at t_min. "
+             f"images) = {floor:.3f}. Error = RMS distance to the Dopri8 reference solve (rtol 1e-5) at t_min. "
              f"Total time {time.perf_counter() - start_all:.0f} s.\n\nBest grid per solver (geometric-mean error over "
              "NFE and scales): " + ", ".join(f"{k}: {v}" for k, v in best.items()))
     md = write_results(opts.name, {"samples": n, "fd_floor": floor, "records": records, "best_grid": best}, rows,
