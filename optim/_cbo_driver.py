@@ -1,7 +1,8 @@
 """The consensus driver: :func:`cbo_minimize` runs a consensus transform in one ``lax.while_loop``.
 
-Imported into (and documented from) ``optim.cbo``. Keeps the ensemble on one device; for
-sharded particles call ``tx.update`` inside ``shard_map`` yourself.
+Works with every transform of ``optim.cbo`` and ``optim.cbs`` (found inside a chain by its
+:class:`CBOState`). Keeps the ensemble on one device; for sharded particles call ``tx.update``
+inside ``shard_map`` yourself.
 """
 
 from __future__ import annotations
@@ -14,8 +15,10 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from optim import _cbo_base as B
 from optim import _consensus as C
 from optim import _validate as V
+from optim._cbo_base import CBOState
 
 
 class CBOHistory(NamedTuple):
@@ -63,14 +66,10 @@ class CBOResult(NamedTuple):
 
 
 def _is_cbo_state(s):
-    from optim.cbo import CBOState
-
     return isinstance(s, CBOState)
 
 
 def _find_cbo_state(state):
-    from optim.cbo import CBOState
-
     return V.find_state(state, CBOState, "`tx` must contain exactly one consensus transform (cbo, polar_cbo or "
                         "cbs); its state holds {found} CBOState(s). Build `tx` with `optim.cbo(...)`, optionally "
                         "chained.")
@@ -95,23 +94,13 @@ class _CountingObjective:
 
 
 def _typed_key(key):
-    from optim.cbo import _default_impl_for, _is_typed, _key_data
-
-    if _is_typed(key):
+    if B.is_typed(key):
         if jnp.ndim(key) != 0:
             V.fail("key", V.Text(f"a key array of shape {key.shape}"), "one PRNG key (shape ())",
                    "Split outside and vmap `cbo_minimize` over the keys.")
         return key
-    data = _key_data(key, None)
-    return jax.random.wrap_key_data(data, impl=_default_impl_for(data.shape))
-
-
-def _static_float(name, value) -> float:
-    v = V.concrete(value)
-    if v is None:
-        V.fail(name, V.Text("a traced value"), "a Python number (static: it is compiled into the loop)",
-               "Pass a concrete number, not one computed under jit/vmap.", TypeError)
-    return v
+    data = B.key_data(key, None)
+    return jax.random.wrap_key_data(data, impl=B.default_impl_for(data.shape))
 
 
 def _check_objective(f, one):
@@ -205,18 +194,17 @@ def cbo_minimize(
       >>> import jax, jax.numpy as jnp, optim
       >>> f = lambda x: jnp.sum(x**2 - 10 * jnp.cos(2 * jnp.pi * x)) + 10 * x.size
       >>> x0 = jax.random.uniform(jax.random.key(1), (40, 5), minval=-3, maxval=3)
-      >>> tx = optim.cbo(sigma=10.1, dt=0.01, alpha=30.0)
-      >>> res = optim.cbo_minimize(f, x0, jax.random.key(0), tx, num_steps=1000)
+      >>> res = optim.cbo_minimize(f, x0, jax.random.key(0), optim.cbo(), num_steps=1000)
       >>> bool(jnp.max(jnp.abs(res.consensus)) < 0.25)
       True
     """
     V.static_int("num_steps", num_steps, 1, "Pass the maximum number of steps as a Python int.")
     if energy_tol is not None:
         V.finite("energy_tol", energy_tol, "The run stops once the best loss is below it; it may be negative.")
-        energy_tol = _static_float("energy_tol", energy_tol)
+        energy_tol = V.static_float("energy_tol", energy_tol)
     if diff_tol is not None:
         V.positive("diff_tol", diff_tol, "The run stops once the consensus moves less than this per step.")
-        diff_tol = _static_float("diff_tol", diff_tol)
+        diff_tol = V.static_float("diff_tol", diff_tol)
     if max_evaluations is not None:
         max_evaluations = V.static_int("max_evaluations", max_evaluations, 1,
                                        "It is the budget of evaluations of `f` (N per step).")

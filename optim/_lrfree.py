@@ -47,16 +47,17 @@ under a trace they cannot be checked, and the steps whose statistics read them a
 
 from __future__ import annotations
 
-from typing import Any, Callable, NamedTuple
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 
 from optim import _tree
 from optim import _validate as V
 
-ScalarOrSchedule = float | jax.Array | Callable[[jax.Array], jax.Array]
+ScalarOrSchedule = optax.ScalarOrSchedule  # the one definition: optax's
 
 
 # ----------------------------------------------------------------------------- construction checks
@@ -84,6 +85,21 @@ def check_betas(betas, *, allow_zero_beta1: bool = True, name: str = "betas") ->
     return (b1, b2), V.all_of(ok1, ok2)
 
 
+def optax_alias(name: str, value: Any, default: Any, alias: str, alias_value: Any) -> Any:
+    """One hyperparameter under two names, ours and optax.contrib's (``d0`` and ``estim_lr0``).
+
+    Returns ``alias_value`` when it is given (not None), else ``value``; TypeError when both are given
+    (``value`` concrete and not its default).
+    """
+    if alias_value is None:
+        return value
+    v = V.concrete(value)
+    if v is not None and v != default:
+        V.fail(alias, alias_value, f"left out when `{name}` is given (got {name}={value!r})",
+               f"`{alias}` is optax.contrib's name for `{name}`: pass one of them.", TypeError)
+    return alias_value
+
+
 def check_growth_rate(growth_rate) -> Any:
     """``growth_rate`` is >= 1 (``math.inf`` for unbounded growth of ``d``)."""
     return V.at_least("growth_rate", growth_rate, 1.0,
@@ -91,9 +107,53 @@ def check_growth_rate(growth_rate) -> Any:
                       "e.g. 1.02 for a warmup effect.")
 
 
-def is_static_zero(x) -> bool:
-    """True for a Python/concrete 0 (a term can then be left out of the traced program)."""
-    return V.concrete(x) == 0.0
+is_static_zero = V.is_zero  # the one concrete-value check lives in optim._validate
+
+
+def check_mask(mask: Any) -> None:
+    """``mask`` is None, a callable ``params -> tree of bools`` or a tree of bools (optax's convention)."""
+    if mask is None or callable(mask):
+        return
+    for leaf in jax.tree.leaves(mask):
+        if not isinstance(leaf, (bool, np.bool_)):
+            V.fail("mask", mask, "None, a pytree of Python bools shaped like the params, or a callable params -> "
+                   "such a pytree", "It selects the leaves that get weight decay, as in optax.add_decayed_weights.",
+                   TypeError)
+
+
+# ----------------------------------------------------------------------------- shared step pieces
+
+
+def bias_correction(decay, count: jax.Array) -> jax.Array:
+    """``1 - decay**(count + 1)`` in the accumulation dtype (Adam's, for the moment after ``count`` steps)."""
+    acc = _tree.accumulation_dtype()
+    return 1 - jnp.asarray(decay, acc) ** (count + 1).astype(acc)
+
+
+def adam_step_correction(b1, b2, count: jax.Array) -> jax.Array:
+    """Adam's bias correction folded into a step size: ``sqrt(1 - b2^(k+1)) / (1 - b1^(k+1))``, k = ``count``.
+
+    The form of ``dadaptation`` and ``prodigyopt`` (``use_bias_correction=True``) and of optax.contrib's
+    ``prodigy``/``dadapt_adamw`` (always on).
+    """
+    return jnp.sqrt(bias_correction(b2, count)) / bias_correction(b1, count)
+
+
+def coupled_decay(grads: Any, params: Any, weight_decay: Any, like: Any = None, mask: Any = None) -> Any:
+    """Coupled (L2) weight decay ``g + weight_decay * p``, in the dtype of ``like``'s leaves (state buffers).
+
+    ``like=None`` keeps each gradient in its state dtype (float32 at least). ``mask`` (None, a tree of
+    Python bools shaped like ``params``, or a callable ``params -> such a tree``) selects the leaves that
+    are decayed, as in ``optax.add_decayed_weights``; the others pass through (cast). A static
+    ``weight_decay`` of 0 leaves the term out of the program.
+    """
+    if like is None:
+        like = jax.tree.map(lambda g: jnp.zeros((), _tree.state_dtype(g.dtype)), grads)
+    cast = jax.tree.map(lambda g, x: g.astype(x.dtype), grads, like)
+    if V.is_zero(weight_decay):
+        return cast
+    keep = jax.tree.map(lambda _: True, params) if mask is None else (mask(params) if callable(mask) else mask)
+    return jax.tree.map(lambda g, p, k: g + weight_decay * p.astype(g.dtype) if k else g, cast, params, keep)
 
 
 # ----------------------------------------------------------------------------- init / update checks

@@ -76,7 +76,19 @@ def concrete(value: Any) -> float | None:
         return None
 
 
-_concrete = concrete  # the name the factories used before this module held every check
+def is_zero(value: Any) -> bool:
+    """True for a concrete 0 (a Python, NumPy or concrete JAX scalar): the term it scales can be left
+    out of the traced program. False for anything traced or non-zero."""
+    return concrete(value) == 0.0
+
+
+def static_float(name: str, value: Any, hint: str = "Pass a concrete number, not one computed under jit/vmap.",
+                 ) -> float:
+    """``float(value)`` for a concrete scalar; TypeError naming ``name`` for a traced one (it is compiled in)."""
+    v = concrete(value)
+    if v is None:
+        fail(name, Text("a traced value"), "a Python number (static: it is compiled into the program)", hint, TypeError)
+    return v
 
 
 def is_traced(value: Any) -> bool:

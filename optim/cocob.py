@@ -31,7 +31,17 @@ import optax
 
 from optim import _tree
 from optim import _validate as V
-from optim._lrfree import check_init, check_update_args, copy_to_state, is_static_zero, zeros_like_state
+from optim._lrfree import (
+    ScalarOrSchedule,
+    check_init,
+    check_learning_rate,
+    check_mask,
+    check_update_args,
+    copy_to_state,
+    coupled_decay,
+    learning_rate_at,
+    zeros_like_state,
+)
 
 
 class COCOBState(NamedTuple):
@@ -46,12 +56,14 @@ class COCOBState(NamedTuple):
 
 
 def cocob(
+    learning_rate: ScalarOrSchedule = 1.0,
     alpha: float = 100.0,
     eps: float = 1e-8,
     weight_decay: float = 0.0,
+    mask: Any = None,
     *,
     axis_name: _tree.AxisName = None,
-) -> optax.GradientTransformation:
+) -> optax.GradientTransformationExtraArgs:
     r"""COCOB-Backprop, Algorithm 2 of Orabona & Tommasi (2017), per coordinate.
 
     .. math::
@@ -59,16 +71,22 @@ def cocob(
         R \leftarrow \max(R - g\,(w - w_1), 0),\quad \theta \leftarrow \theta - g \\
         w &\leftarrow w_1 + \frac{\theta}{L \max(G + L, \alpha L)}\,(L + R)
 
-    Returns ``w_new - w``, so chain it **last** (clipping or decay go before it).
+    Returns ``w_new - w``, so chain it **last** (clipping or decay go before it). Name, argument
+    order and trajectory are ``optax.contrib.cocob``'s.
 
     Args:
+      learning_rate: multiplies the gradient before the bet, as optax.contrib does (a float or a
+        schedule of the step count); COCOB is nearly invariant to it (only ``L_0 = eps`` is not
+        scaled), 1 in the paper.
       alpha: caps the bet early on (``alpha L`` in the denominator); the paper uses 100.
       eps: initial ``L``.
-      weight_decay: coupled L2 decay added to the gradient.
+      weight_decay: coupled L2 decay added to the gradient (before ``learning_rate``).
+      mask: the leaves that get weight decay, as in ``optax.add_decayed_weights`` (None: all).
       axis_name: accepted for a uniform API; COCOB has no global reduction.
 
     Returns:
-      An ``optax.GradientTransformation`` with :class:`COCOBState`; ``update`` needs ``params``.
+      An ``optax.GradientTransformationExtraArgs`` with :class:`COCOBState`; ``update`` needs
+      ``params`` (extra keyword arguments are ignored).
 
     Raises:
       ValueError: a concrete hyperparameter out of range (NaN included), NaN/Inf in the
@@ -91,12 +109,14 @@ def cocob(
       <https://arxiv.org/abs/1705.07795>`_, NeurIPS 2017.
     """
     del axis_name  # per-coordinate: nothing to reduce
+    check_mask(mask)
     hp_ok = V.all_of(
+        check_learning_rate(learning_rate, "The paper has none (1); COCOB is nearly invariant to it."),
         V.positive("alpha", alpha, "The paper uses 100."),
         V.positive("eps", eps, "It is the initial L; the reference uses 1e-8."),
         V.nonnegative("weight_decay", weight_decay, "0 is the reference default."),
     )
-    coupled = not is_static_zero(weight_decay)
+    scaled = callable(learning_rate) or V.concrete(learning_rate) != 1.0
 
     def init_fn(params):
         check_init("cocob", params)
@@ -111,17 +131,13 @@ def cocob(
         a = V.concrete(alpha)
         return math.sqrt(big / (2 * max(a, 1.0))) if a is not None else jnp.sqrt(big / (2 * jnp.maximum(alpha, 1.0)))
 
-    def leaf(g, w, w1, theta, big_l, big_g, r):
-        g = g.astype(theta.dtype)
-        if coupled:
-            g = g + weight_decay * w.astype(theta.dtype)
-
+    def leaf(g, w, w1, theta, big_l, big_g, r, step_ok):
         # a coordinate whose gradient is NaN/Inf or too large for the bet's denominator (about 2 alpha g^2
         # must fit the state dtype) takes a zero gradient, which leaves theta, L, G and r (>= 0) as they are.
         # The test looks at g alone: tying it to the state (den itself) made XLA recompute every output.
         ok = jnp.abs(g) <= limit(theta.dtype)  # NaN compares False
-        if hp_ok is not True:
-            ok = ok & hp_ok
+        if step_ok is not True:
+            ok = ok & step_ok
         g = jnp.where(ok, g, 0)
         big_l_new = jnp.maximum(big_l, jnp.abs(g))
         big_g_new = big_g + jnp.abs(g)
@@ -132,14 +148,21 @@ def cocob(
         return tuple(x.astype(o.dtype) for x, o in
                      ((u, w), (theta_new, theta), (big_l_new, big_l), (big_g_new, big_g), (r_new, r)))
 
-    def update_fn(updates, state, params=None):
+    def update_fn(updates, state, params=None, **extra_args):
+        del extra_args  # accepted and ignored, as optax.contrib does
         check_update_args("cocob", updates, params, state.params0, "the params given to `init`")
         treedef = jax.tree.structure(params)
         if treedef.num_leaves == 0:  # an empty tree: nothing to bet on
             return updates, state._replace(count=optax.safe_increment(state.count))
-        out = jax.tree.map(leaf, updates, params, state.params0, state.theta, state.max_grad, state.abs_grad_sum,
-                           state.reward)
+        grads = coupled_decay(updates, params, weight_decay, state.theta, mask)
+        step_ok = hp_ok
+        if scaled:  # optax.contrib's scale_by_learning_rate(lr, flip_sign=False) before the bet
+            lr, lr_ok = learning_rate_at(learning_rate, state.count)
+            grads = jax.tree.map(lambda g: lr.astype(g.dtype) * g, grads)
+            step_ok = V.all_of(step_ok, lr_ok)
+        out = jax.tree.map(lambda *a: leaf(*a, step_ok), grads, params, state.params0, state.theta, state.max_grad,
+                           state.abs_grad_sum, state.reward)
         u, theta, big_l, big_g, r = (treedef.unflatten(x) for x in zip(*treedef.flatten_up_to(out)))
         return u, COCOBState(optax.safe_increment(state.count), state.params0, theta, big_l, big_g, r)
 
-    return optax.GradientTransformation(init_fn, update_fn)
+    return optax.GradientTransformationExtraArgs(init_fn, update_fn)

@@ -38,38 +38,46 @@ import optax
 
 from optim import _tree
 from optim import _validate as V
+from optim.presets import PRESETS
 from optim._lrfree import (
     Gate,
     ScalarOrSchedule,
     check_init,
     check_learning_rate,
+    check_mask,
     check_update_args,
     commit,
     copy_to_state,
-    is_static_zero,
+    coupled_decay,
     learning_rate_at,
     fits,
     schedule_step,
 )
 
-#: Named settings for :func:`dog` / :func:`ldog`, each number with its source.
-#: ``"paper"``: ``reps_rel=1e-6`` is the default of Ivgi et al. (2023) and of the
-#: ``dog-optimizer`` package. ``"batchnorm"``: ``reps_rel=1e-4``, the value the package
-#: README and docstring recommend for models with batch normalisation.
-DOG_PRESETS: dict[str, dict[str, float]] = {
-    "paper": {"reps_rel": 1e-6, "eps": 1e-8},
-    "batchnorm": {"reps_rel": 1e-4, "eps": 1e-8},
-}
+#: Named settings for :func:`dog`, :func:`ldog` and :func:`dowg` (sources in ``optim.presets``):
+#: ``"paper"`` (``reps_rel=1e-6``), ``"batchnorm"`` (DoG, LDoG: ``reps_rel=1e-4``), ``"optax"`` (DoWG:
+#: optax.contrib's ``eps=1e-4``, also its initial squared distance) and ``"calibrated"``.
+DOG_PRESETS = PRESETS["dog"]
+LDOG_PRESETS = PRESETS["ldog"]
+DOWG_PRESETS = PRESETS["dowg"]
 
-#: Named settings for :func:`dowg`. ``"paper"``: Algorithm 1 of Khaled et al. (2023) has
-#: ``eta = rbar^2 / sqrt(v)`` with a user-chosen small ``r_eps``; we take DoG's relative
-#: ``r_eps = 1e-6 (1 + ||x_0||)`` and a negligible ``eps=1e-8`` guard. ``"optax"``: the
-#: calibration of ``optax.contrib.dowg`` (0.2.8), whose ``eps=1e-4`` is both the initial
-#: squared distance (``r_eps = 1e-2``) and the denominator guard.
-DOWG_PRESETS: dict[str, dict[str, float]] = {
-    "paper": {"reps_rel": 1e-6, "eps": 1e-8},
-    "optax": {"init_distance": 1e-2, "eps": 1e-4},
-}
+_INIT_STEPS = ("heuristic", "distance", "learning_rate")
+
+
+def _init_step(init_step, reps_rel: float) -> tuple[float, float | None, float | None]:
+    """optax.contrib's ``init_step=(kind, value)`` as ``(reps_rel, init_distance, init_eta)``."""
+    if init_step is None:
+        return reps_rel, None, None
+    if not isinstance(init_step, (tuple, list)) or len(init_step) != 2 or init_step[0] not in _INIT_STEPS:
+        V.fail("init_step", init_step, "None or a pair (kind, value) with kind in " + ", ".join(map(repr, _INIT_STEPS)),
+               "As in optax.contrib.dog: ('heuristic', 1e-6) is reps_rel=1e-6, ('distance', r) the initial distance r, "
+               "('learning_rate', eta) the first step size eta.", TypeError)
+    if V.concrete(reps_rel) not in (None, 1e-6):
+        V.fail("init_step", init_step, f"left out when `reps_rel` is given (got reps_rel={reps_rel!r})",
+               "Pass one of them.", TypeError)
+    kind, value = init_step
+    return (value, None, None) if kind == "heuristic" else (
+        (reps_rel, value, None) if kind == "distance" else (reps_rel, None, value))
 
 
 class DoGState(NamedTuple):
@@ -91,8 +99,12 @@ def _build(
     eps: float,
     init_eta: float | None,
     init_distance: float | None,
+    init_sq_distance: float | None = None,
+    mask: Any = None,
     axis_name: _tree.AxisName,
-) -> optax.GradientTransformation:
+) -> optax.GradientTransformationExtraArgs:
+    weight_decay = 0.0 if weight_decay is None else weight_decay  # optax.contrib's "no decay"
+    check_mask(mask)
     checks = [
         check_learning_rate(learning_rate, "The authors recommend 1.0."),
         V.nonnegative("weight_decay", weight_decay, "0 is the reference default."),
@@ -102,6 +114,9 @@ def _build(
         checks.append(V.positive("init_eta", init_eta, "It is the first step size; pass None to use `reps_rel`."))
     elif init_distance is not None:
         checks.append(V.positive("init_distance", init_distance, "Pass None to use `reps_rel * (1 + ||x_0||)`."))
+    elif init_sq_distance is not None:
+        checks.append(V.positive("init_estim_sq_dist", init_sq_distance,
+                                 "It is the initial squared distance; pass None to use `reps_rel * (1 + ||x_0||)`."))
     else:
         checks.append(V.positive("reps_rel", reps_rel, "Use 1e-6, or 1e-4 with batch normalisation."))
     hp_ok = V.all_of(*checks)
@@ -122,6 +137,8 @@ def _build(
             rbar = jax.tree.map(lambda n: jnp.zeros((), acc), reduce(sq, params))
         elif init_distance is not None:
             rbar = jax.tree.map(lambda n: jnp.asarray(init_distance, acc), reduce(sq, params))
+        elif init_sq_distance is not None:
+            rbar = jax.tree.map(lambda n: jnp.sqrt(jnp.asarray(init_sq_distance, acc)), reduce(sq, params))
         else:
             rbar = jax.tree.map(lambda n: reps_rel * (1 + jnp.sqrt(n)), reduce(sq, params))
         g0 = eps if kind != "dowg" else 0.0
@@ -133,12 +150,11 @@ def _build(
             grad_sum=jax.tree.map(lambda r: jnp.asarray(g0, acc), rbar),
         )
 
-    def update_fn(updates, state, params=None):
+    def update_fn(updates, state, params=None, **extra_args):
+        del extra_args  # accepted and ignored, as optax.contrib does
         check_update_args(kind, updates, params, state.init_params, "init_params (the params given to init)")
-        grads = updates
-        if not is_static_zero(weight_decay):
-            # coupled (L2) decay, as in dog-optimizer: it enters G as well
-            grads = jax.tree.map(lambda g, p: (g.astype(_tree.state_dtype(g.dtype)) + weight_decay * p), grads, params)
+        # coupled (L2) decay, as in dog-optimizer and optax.contrib: it enters G as well
+        grads = coupled_decay(updates, params, weight_decay, mask=mask)
         lr, lr_ok = learning_rate_at(learning_rate, schedule_step(state))
         dist = jax.tree.map(jnp.sqrt, reduce(lambda x, x0: sq(x.astype(x0.dtype) - x0), params, state.init_params))
         grad_sq = reduce(sq, grads)
@@ -170,18 +186,20 @@ def _build(
                                    params)
         return new_updates, commit(gate, (), stepped, state, gated=("rbar", "grad_sum"))[1]
 
-    return optax.GradientTransformation(init_fn, update_fn)
+    return optax.GradientTransformationExtraArgs(init_fn, update_fn)
 
 
 def dog(
-    reps_rel: float = 1e-6,
     learning_rate: ScalarOrSchedule = 1.0,
-    weight_decay: float = 0.0,
+    init_step: tuple[str, float] | None = None,
     eps: float = 1e-8,
-    init_eta: float | None = None,
+    weight_decay: float | None = None,
+    mask: Any = None,
     *,
+    reps_rel: float = 1e-6,
+    init_eta: float | None = None,
     axis_name: _tree.AxisName = None,
-) -> optax.GradientTransformation:
+) -> optax.GradientTransformationExtraArgs:
     r"""DoG: SGD with the distance-over-gradients step size (Ivgi et al., 2023).
 
     .. math::
@@ -190,21 +208,28 @@ def dog(
         x_{t+1} = x_t - c\,\frac{\bar r_t}{\sqrt{G_t}}\, g_t
 
     One global ``rbar``/``G`` over the whole pytree, exactly as ``dog.DoG`` of the
-    ``dog-optimizer`` package (one parameter group). Returns signed updates (add them).
+    ``dog-optimizer`` package (one parameter group) and ``optax.contrib.dog`` (same name, argument
+    order and trajectory). Returns signed updates (add them).
 
     Args:
-      reps_rel: relative initial distance ``r_eps``: the first step is
-        ``reps_rel * (1 + ||x_0||) / sqrt(||g_0||^2 + eps)``. See :data:`DOG_PRESETS`.
       learning_rate: the multiplier ``c`` (a float or an optax schedule of the step count);
         the authors advise against changing it from 1.
-      weight_decay: coupled L2 decay, ``g += weight_decay * x`` before everything else.
+      init_step: optax.contrib's ``(kind, value)``: ``("heuristic", r)`` is ``reps_rel=r``,
+        ``("distance", r)`` starts ``rbar`` at ``r``, ``("learning_rate", eta)`` is ``init_eta=eta``.
+        None: ``reps_rel``.
       eps: added once to the gradient sum ``G``.
+      weight_decay: coupled L2 decay, ``g += weight_decay * x`` before everything else (None or 0: none).
+      mask: the leaves that get weight decay, as in ``optax.add_decayed_weights``: a tree of bools
+        shaped like the params, or a callable ``params -> tree``; None decays every leaf.
+      reps_rel: relative initial distance ``r_eps``: the first step is
+        ``reps_rel * (1 + ||x_0||) / sqrt(||g_0||^2 + eps)``. See :data:`DOG_PRESETS`.
       init_eta: if set, the first step size, overriding ``reps_rel`` (``rbar`` then starts at 0).
       axis_name: mapped axis over which parameters/states are sharded under ``shard_map`` or
         ``pmap``; the norms are then summed over it so every device sees the global step size.
 
     Returns:
-      An ``optax.GradientTransformation`` with :class:`DoGState`; ``update`` needs ``params``.
+      An ``optax.GradientTransformationExtraArgs`` with :class:`DoGState`; ``update`` needs
+      ``params`` (extra keyword arguments, such as optax's ``value=``, are ignored).
 
     Raises:
       ValueError: a concrete hyperparameter out of range (NaN included), a learning-rate
@@ -230,21 +255,25 @@ def dog(
       Ivgi, Hinder, Carmon, `DoG is SGD's Best Friend: A Parameter-Free Dynamic Step Size
       Schedule <https://arxiv.org/abs/2302.12022>`_, ICML 2023.
     """
+    reps_rel, init_distance, step_eta = _init_step(init_step, reps_rel)
     return _build(
         "dog", reps_rel=reps_rel, learning_rate=learning_rate, weight_decay=weight_decay, eps=eps,
-        init_eta=init_eta, init_distance=None, axis_name=axis_name,
+        init_eta=init_eta if step_eta is None else step_eta, init_distance=init_distance, mask=mask,
+        axis_name=axis_name,
     )
 
 
 def ldog(
-    reps_rel: float = 1e-6,
     learning_rate: ScalarOrSchedule = 1.0,
-    weight_decay: float = 0.0,
+    init_step: tuple[str, float] | None = None,
     eps: float = 1e-8,
-    init_eta: float | None = None,
+    weight_decay: float | None = None,
+    mask: Any = None,
     *,
+    reps_rel: float = 1e-6,
+    init_eta: float | None = None,
     axis_name: _tree.AxisName = None,
-) -> optax.GradientTransformation:
+) -> optax.GradientTransformationExtraArgs:
     r"""Layer-wise DoG: the :func:`dog` rule with one ``rbar``/``G`` per pytree leaf.
 
     .. math::
@@ -252,7 +281,7 @@ def ldog(
         {\sqrt{\epsilon + \sum_{i \le t}\|g^{(l)}_i\|^2}}
 
     As ``dog.LDoG``; a scalar (shape ``()``) leaf keeps its shape (unlike
-    ``optax.scale_by_distance_over_gradients``). Arguments as in :func:`dog`; with
+    ``optax.scale_by_distance_over_gradients``). Arguments (and their order) as in :func:`dog`; with
     ``axis_name`` each leaf's norms are summed over the shards of that leaf. A tensor whose
     gradient has a NaN/Inf entry is skipped alone (zero update, ``rbar``/``G`` kept); see the
     module docstring.
@@ -277,21 +306,24 @@ def ldog(
     References:
       Ivgi, Hinder, Carmon, `DoG is SGD's Best Friend <https://arxiv.org/abs/2302.12022>`_, 2023.
     """
+    reps_rel, init_distance, step_eta = _init_step(init_step, reps_rel)
     return _build(
         "ldog", reps_rel=reps_rel, learning_rate=learning_rate, weight_decay=weight_decay, eps=eps,
-        init_eta=init_eta, init_distance=None, axis_name=axis_name,
+        init_eta=init_eta if step_eta is None else step_eta, init_distance=init_distance, mask=mask,
+        axis_name=axis_name,
     )
 
 
 def dowg(
-    reps_rel: float = 1e-6,
     learning_rate: ScalarOrSchedule = 1.0,
-    weight_decay: float = 0.0,
+    init_estim_sq_dist: float | None = None,
     eps: float = 1e-8,
-    init_distance: float | None = None,
+    weight_decay: float | None = None,
+    mask: Any = None,
     *,
+    reps_rel: float = 1e-6,
     axis_name: _tree.AxisName = None,
-) -> optax.GradientTransformation:
+) -> optax.GradientTransformationExtraArgs:
     r"""DoWG: distance over *weighted* gradients (Khaled, Mishchenko, Jin, 2023, Algorithm 1).
 
     .. math::
@@ -300,20 +332,21 @@ def dowg(
         x_{t+1} = x_t - c\,\frac{\bar r_t^2}{\sqrt{v_t} + \epsilon}\, g_t
 
     with ``v_{-1} = 0`` and ``rbar_{-1} = r_eps``. The paper leaves ``r_eps`` to the user;
-    by default it is DoG's ``reps_rel * (1 + ||x_0||)``, or ``init_distance`` when given.
-    ``DOWG_PRESETS["optax"]`` reproduces ``optax.contrib.dowg`` (``init_distance=1e-2``,
-    ``eps=1e-4``).
+    by default it is DoG's ``reps_rel * (1 + ||x_0||)``, or ``sqrt(init_estim_sq_dist)`` when given.
+    The argument order is ``optax.contrib.dowg``'s; its defaults differ (``eps=1e-4``, which is also
+    its initial squared distance): ``DOWG_PRESETS["optax"]`` reproduces it.
 
     Args:
-      reps_rel: relative initial distance, used when ``init_distance`` is None.
       learning_rate: multiplier ``c`` (float or schedule); 1 in the paper.
-      weight_decay: coupled L2 decay added to the gradient.
+      init_estim_sq_dist: the initial squared distance ``r_eps^2``; overrides ``reps_rel``.
       eps: added to ``sqrt(v_t)`` (the paper has none; it only guards a zero gradient).
-      init_distance: absolute ``r_eps``; overrides ``reps_rel``.
+      weight_decay: coupled L2 decay added to the gradient (None or 0: none).
+      mask: the leaves that get weight decay (see :func:`dog`).
+      reps_rel: relative initial distance, used when ``init_estim_sq_dist`` is None.
       axis_name: mapped axis for exact global norms under ``shard_map``/``pmap``.
 
     Returns:
-      An ``optax.GradientTransformation`` with :class:`DoGState` (``grad_sum`` holds ``v_t``).
+      An ``optax.GradientTransformationExtraArgs`` with :class:`DoGState` (``grad_sum`` holds ``v_t``).
 
     Raises:
       ValueError: a concrete hyperparameter out of range (NaN included), a learning-rate
@@ -338,7 +371,7 @@ def dowg(
     """
     return _build(
         "dowg", reps_rel=reps_rel, learning_rate=learning_rate, weight_decay=weight_decay, eps=eps,
-        init_eta=None, init_distance=init_distance, axis_name=axis_name,
+        init_eta=None, init_distance=None, init_sq_distance=init_estim_sq_dist, mask=mask, axis_name=axis_name,
     )
 
 
@@ -349,7 +382,7 @@ class PolynomialDecayAveragingState(NamedTuple):
     averaged_params: Any  # xbar_t: same tree and shapes as params, float32 at least.
 
 
-def polynomial_decay_averaging(gamma: float = 8.0) -> optax.GradientTransformation:
+def polynomial_decay_averaging(gamma: float = 8.0) -> optax.GradientTransformationExtraArgs:
     r"""Polynomial-decay iterate averaging (Shamir & Zhang, 2013), as recommended for DoG.
 
     .. math::
@@ -365,7 +398,7 @@ def polynomial_decay_averaging(gamma: float = 8.0) -> optax.GradientTransformati
       gamma: decay power; ``gamma=0`` is the uniform average, larger forgets faster.
 
     Returns:
-      An ``optax.GradientTransformation`` with :class:`PolynomialDecayAveragingState`.
+      An ``optax.GradientTransformationExtraArgs`` with :class:`PolynomialDecayAveragingState`.
 
     Example:
       >>> import jax.numpy as jnp, optax, optim
@@ -384,7 +417,8 @@ def polynomial_decay_averaging(gamma: float = 8.0) -> optax.GradientTransformati
         check_init("polynomial_decay_averaging", params)
         return PolynomialDecayAveragingState(jnp.ones((), jnp.int32), copy_to_state(params))
 
-    def update_fn(updates, state, params=None):
+    def update_fn(updates, state, params=None, **extra_args):
+        del extra_args
         check_update_args("polynomial_decay_averaging", updates, params, state.averaged_params,
                           "the params given to `init`")
         t = state.count.astype(_tree.accumulation_dtype())
@@ -394,7 +428,7 @@ def polynomial_decay_averaging(gamma: float = 8.0) -> optax.GradientTransformati
         )
         return updates, PolynomialDecayAveragingState(optax.safe_increment(state.count), avg)
 
-    return optax.GradientTransformation(init_fn, update_fn)
+    return optax.GradientTransformationExtraArgs(init_fn, update_fn)
 
 
 def averaged_params(state: Any) -> Any:

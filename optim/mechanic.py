@@ -29,18 +29,15 @@ import optax
 from optim import _tree
 from optim import _validate as V
 from optim._lrfree import Gate, check_init, check_update_args, commit, copy_to_state, fits
+from optim.presets import PRESETS
 
 _M_INIT = 1e-6  # mechanic-pytorch's initial max_product: makes s > 0 after the first step
 
-#: Named settings for :func:`mechanize`. ``"paper"``: the ``mechanic-pytorch`` defaults
-#: (Cutkosky et al. 2023): ``s_init=1e-8``. ``"optax"``: ``optax.contrib.mechanize``'s
-#: ``s_init=1e-6`` (its clamping of ``h`` is not reproduced).
-MECHANIC_PRESETS: dict[str, dict[str, Any]] = {
-    "paper": {},
-    "optax": {"s_init": 1e-6},
-}
+#: Named settings for :func:`mechanize` (sources in ``optim.presets``): ``"paper"`` (mechanic-pytorch,
+#: ``s_init=1e-8``), ``"optax"`` (optax.contrib's ``s_init=1e-6``; its clamping of ``h`` is not reproduced)
+#: and ``"calibrated"``.
+MECHANIC_PRESETS = PRESETS["mechanize"]
 
-DEFAULT_BETAS = (0.9, 0.99, 0.999, 0.9999, 0.99999, 0.999999)
 
 
 class MechanicState(NamedTuple):
@@ -57,15 +54,16 @@ class MechanicState(NamedTuple):
 
 
 def mechanize(
-    base: optax.GradientTransformation,
+    base_optimizer: optax.GradientTransformation,
     weight_decay: float = 0.01,
-    betas: tuple[float, ...] = DEFAULT_BETAS,
-    s_init: float = 1e-8,
     eps: float = 1e-8,
+    s_init: float = 1e-8,
+    num_betas: int | None = None,
     *,
+    betas: tuple[float, ...] | None = None,
     axis_name: _tree.AxisName = None,
 ) -> optax.GradientTransformationExtraArgs:
-    r"""Mechanic: scale ``base``'s cumulative update by a learned ``sum(s)`` (a coin-betting tuner).
+    r"""Mechanic: scale ``base_optimizer``'s cumulative update by a learned ``sum(s)`` (a coin-betting tuner).
 
     With ``u_t`` the base update, ``S = sum(s)``, ``Delta_t = (x_t - x_ref) / (S + eps)``:
 
@@ -79,23 +77,28 @@ def mechanize(
     per beta (vectors of length ``n``). Returns ``x_{t+1} - x_t``, so chain it **last**
     (anything after it would corrupt the target); give the base its schedule with peak 1.
 
+    The argument order is ``optax.contrib.mechanize``'s, whose algorithm differs in two details (see
+    the module docstring) and whose ``s_init`` default is 1e-6 (``MECHANIC_PRESETS["optax"]``).
+
     Args:
-      base: any optax transform producing signed updates (e.g. ``optax.adam(1.0)``).
+      base_optimizer: any optax transform producing signed updates (e.g. ``optax.adam(1.0)``).
       weight_decay: ``lambda``, Mechanic's own decay on the tuner (not the base's).
-      betas: the discounts, each in (0, 1]; one tuner per beta.
-      s_init: initial bet (scale of the first steps).
       eps: guards the divisions.
+      s_init: initial bet (scale of the first steps).
+      num_betas: the number of tuners, with discounts ``1 - 10^-k``, k = 1..num_betas (a static
+        int; None: 6, as optax.contrib; with ``optax.inject_hyperparams`` pass it in ``static_args``).
+      betas: the discounts themselves, each in (0, 1]; overrides ``num_betas``.
       axis_name: mapped axis over which params/state are sharded (``shard_map``/``pmap``);
         the three global sums behind ``h`` are then ``psum``-ed.
 
     Returns:
       An ``optax.GradientTransformationExtraArgs`` with :class:`MechanicState`; ``update``
-      needs ``params`` and forwards extra arguments to ``base``.
+      needs ``params`` and forwards extra arguments to ``base_optimizer``.
 
     Raises:
       ValueError: a concrete hyperparameter out of range (NaN included), NaN/Inf in the
         parameters given to ``init``.
-      TypeError: ``base`` without ``init``/``update``, a hyperparameter of the wrong type;
+      TypeError: ``base_optimizer`` without ``init``/``update``, a hyperparameter of the wrong type;
         integer or complex parameters or updates.
 
     Bad values at run time (the rule of ``optim._lrfree``): a gradient with a NaN/Inf entry,
@@ -115,9 +118,14 @@ def mechanize(
       Cutkosky, Defazio, Mehta, `Mechanic: A Learning Rate Tuner
       <https://arxiv.org/abs/2306.00144>`_, NeurIPS 2023.
     """
+    base = base_optimizer
     if not hasattr(base, "init") or not hasattr(base, "update"):
-        V.fail("base", base, "an optax.GradientTransformation (with `init` and `update`)",
+        V.fail("base_optimizer", base, "an optax.GradientTransformation (with `init` and `update`)",
                "Pass e.g. optax.adam(1.0) (the base's learning rate is Mechanic's scale unit).", TypeError)
+    if betas is None:
+        num_betas = V.static_int("num_betas", 6 if num_betas is None else num_betas, 1,
+                                 "The paper uses 6 (discounts 1 - 10^-k).")
+        betas = tuple(1.0 - 10.0 ** -(k + 1) for k in range(num_betas))
     if not isinstance(betas, (tuple, list)) or not betas:
         V.fail("betas", betas, "a non-empty tuple of floats in (0, 1]", "The paper uses 1 - 10^-k, k = 1..6.")
     hp_ok = V.all_of(

@@ -31,31 +31,28 @@ import optax
 
 from optim import _tree
 from optim import _validate as V
+from optim.presets import PRESETS
 from optim._lrfree import (
     Gate,
     ScalarOrSchedule,
+    adam_step_correction,
     check_betas,
     check_growth_rate,
     check_init,
     check_learning_rate,
     check_update_args,
     commit,
+    coupled_decay,
+    fits,
     is_static_zero,
     learning_rate_at,
-    fits,
+    optax_alias,
     schedule_step,
 )
 
-#: Named settings for :func:`prodigy`, each with its source.
-#: ``"paper"``: the ``prodigyopt`` 1.1.2 defaults (Mishchenko & Defazio 2024).
-#: ``"diffusion"``: the ``prodigyopt`` README's advice for diffusion models
-#: (``safeguard_warmup=True, use_bias_correction=True, weight_decay=0.01``).
-#: ``"optax"``: the calibration of ``optax.contrib.prodigy`` 0.2.8 (bias correction always on).
-PRODIGY_PRESETS: dict[str, dict[str, Any]] = {
-    "paper": {},
-    "diffusion": {"safeguard_warmup": True, "use_bias_correction": True, "weight_decay": 0.01},
-    "optax": {"use_bias_correction": True},
-}
+#: Named settings for :func:`prodigy` (sources in ``optim.presets``): ``"paper"`` (the prodigyopt
+#: 1.1.2 defaults), ``"diffusion"``, ``"optax"`` (bias correction on, as optax.contrib) and ``"calibrated"``.
+PRODIGY_PRESETS = PRESETS["prodigy"]
 
 
 class ProdigyState(NamedTuple):
@@ -77,17 +74,19 @@ def prodigy(
     betas: tuple[float, float] = (0.9, 0.999),
     beta3: float | None = None,
     eps: float = 1e-8,
-    weight_decay: float = 0.0,
-    decouple: bool = True,
-    use_bias_correction: bool = False,
-    safeguard_warmup: bool = False,
     d0: float = 1e-6,
     d_coef: float = 1.0,
+    weight_decay: float = 0.0,
+    safeguard_warmup: bool = False,
+    *,
+    decouple: bool = True,
+    use_bias_correction: bool = False,
     growth_rate: float = math.inf,
     slice_p: int | None = None,
-    *,
+    estim_lr0: float | None = None,
+    estim_lr_coef: float | None = None,
     axis_name: _tree.AxisName = None,
-) -> optax.GradientTransformation:
+) -> optax.GradientTransformationExtraArgs:
     r"""Prodigy (Mishchenko & Defazio, 2024): Adam whose step size ``d`` is learned.
 
     With ``dlr = d * lr * bc`` (``bc = sqrt(1 - b2^{k+1}) / (1 - b1^{k+1})`` if
@@ -108,6 +107,12 @@ def prodigy(
     ``optax.partition`` for one ``d`` per group. Gradient clipping or coupled weight decay
     chained before it change the statistics ``d`` is estimated from.
 
+    The positional order is ``optax.contrib.prodigy``'s (``learning_rate, betas, beta3, eps,
+    estim_lr0, estim_lr_coef, weight_decay, safeguard_warmup``), which also accepts our names
+    ``d0``/``d_coef`` for its ``estim_lr0``/``estim_lr_coef``; the options optax lacks are keyword-only.
+    One difference in meaning: optax always applies Adam's bias correction, the reference (and this
+    default) does not; ``use_bias_correction=True`` gives optax's trajectory.
+
     Args:
       learning_rate: multiplier on ``d`` (a float or an optax schedule of the step count);
         the authors recommend 1.0. A step at learning rate 0 leaves everything unchanged.
@@ -125,16 +130,19 @@ def prodigy(
       slice_p: keep ``s`` and ``x0`` for every ``slice_p``-th entry of each flattened leaf
         only (``None`` = 1 = exact Prodigy; ~11 saves memory). Must be a static int. Under
         ``shard_map`` with ``slice_p > 1`` the slice is taken per shard.
+      estim_lr0, estim_lr_coef: ``optax.contrib.prodigy``'s names for ``d0`` and ``d_coef``.
       axis_name: mapped axis over which parameters and state are sharded (``shard_map``/
         ``pmap``); the two global sums are then ``psum``-ed so ``d`` is exact.
 
     Returns:
-      An ``optax.GradientTransformation`` with :class:`ProdigyState`; ``update`` needs ``params``.
+      An ``optax.GradientTransformationExtraArgs`` with :class:`ProdigyState`; ``update`` needs
+      ``params`` (extra keyword arguments are ignored).
 
     Raises:
       ValueError: a concrete hyperparameter out of range (NaN included), a learning-rate
         schedule that is negative or NaN at step 0, NaN/Inf in the parameters given to ``init``.
-      TypeError: a hyperparameter of the wrong type; integer or complex parameters or updates.
+      TypeError: a hyperparameter of the wrong type, or one given under both names (``d0`` and
+        ``estim_lr0``); integer or complex parameters or updates.
 
     Bad values at run time (the rule of ``optim._lrfree``): a gradient with a NaN/Inf entry,
     or one whose square overflows the float32 state, a learning rate (schedule value) that is
@@ -158,6 +166,8 @@ def prodigy(
       ``optax.contrib.prodigy`` always uses bias correction; for its behaviour pass
       ``**PRODIGY_PRESETS["optax"]``.
     """
+    d0 = optax_alias("d0", d0, 1e-6, "estim_lr0", estim_lr0)
+    d_coef = optax_alias("d_coef", d_coef, 1.0, "estim_lr_coef", estim_lr_coef)
     (b1, b2), betas_ok = check_betas(betas)
     hp_ok = V.all_of(
         check_learning_rate(learning_rate, "The authors recommend 1.0."),
@@ -199,23 +209,18 @@ def prodigy(
             params0=jax.tree.map(lambda p: jnp.array(sl(p), _tree.state_dtype(p.dtype), copy=True), params),
         )
 
-    def update_fn(updates, state, params=None):
+    def update_fn(updates, state, params=None, **extra_args):
+        del extra_args  # optax.contrib's signature: extra arguments are accepted and ignored
         check_update_args("prodigy", updates, params, state.exp_avg_sq, "the params given to `init`")
         acc = _tree.accumulation_dtype()
         lr, lr_ok = learning_rate_at(learning_rate, schedule_step(state))
         d = state.d
         d_init = jnp.asarray(d0, acc)
         b3 = jnp.sqrt(jnp.asarray(b2, acc)) if beta3 is None else jnp.asarray(beta3, acc)
-        if use_bias_correction:
-            k1 = (state.count + 1).astype(acc)
-            bc = jnp.sqrt(1 - jnp.asarray(b2, acc) ** k1) / (1 - jnp.asarray(b1, acc) ** k1)
-        else:
-            bc = jnp.ones((), acc)
+        bc = adam_step_correction(b1, b2, state.count) if use_bias_correction else jnp.ones((), acc)
         dlr = d * lr * bc
         # the gradient in the state dtype (float32 at least) before any product
-        grads = jax.tree.map(lambda g, v: g.astype(v.dtype), updates, state.exp_avg_sq)
-        if coupled:
-            grads = jax.tree.map(lambda g, p: g + weight_decay * p.astype(g.dtype), grads, params)
+        grads = coupled_decay(updates, params, weight_decay if coupled else 0.0, state.exp_avg_sq)
 
         ratio = d / d_init
         s_coef = ratio * (d if safeguard_warmup else dlr)
@@ -264,4 +269,4 @@ def prodigy(
                                grad_sum, state.params0)
         return commit(gate, new_updates, stepped, state, gated=("exp_avg", "exp_avg_sq", "grad_sum"))
 
-    return optax.GradientTransformation(init_fn, update_fn)
+    return optax.GradientTransformationExtraArgs(init_fn, update_fn)

@@ -22,9 +22,12 @@ state also holds ``x``: ``y`` is then rebuilt from ``x`` and ``z`` at every step
 stepped, because recovering ``x`` from a rounded ``y`` drifts (bfloat16 schedule-free SGD:
 0.42 from the optimum after 500 steps against 0.0015 in float32; 0 with ``x`` stored).
 
-**Differences from optax.contrib.schedule_free_*** (0.2.8): there the warmup schedule of
-the ``z`` step is evaluated one step behind the averaging weight (its first ``z`` step has
-learning rate 0), and there is no ``r`` weighting or RAdam variant.
+**Differences from optax.contrib.schedule_free_*** (0.2.8; same names and argument order here):
+there the warmup schedule of the ``z`` step is evaluated one step behind the averaging weight
+(its first ``z`` step has learning rate 0), ``state_dtype=None`` keeps ``z`` in the parameters'
+dtype (here float32 at least), and there is no ``r`` weighting or RAdam variant. Without warmup
+the trajectories agree to rounding. The wrapper ``optim.schedule_free`` is in
+``optim.schedule_free_wrapper``.
 
 **Non-finite gradients.** A step whose gradient has a NaN/Inf entry, or an entry whose
 square overflows the dtype of ``z`` (``|g| > 1.8e19`` in float32: the second moment could not
@@ -49,35 +52,28 @@ import optax
 
 from optim import _tree
 from optim import _validate as V
+from optim.presets import PRESETS
 from optim._lrfree import (
     Gate,
     ScalarOrSchedule,
+    bias_correction,
     check_init,
     check_learning_rate,
     check_update_args,
     commit,
+    coupled_decay,
+    fits,
     is_static_zero,
     learning_rate_at,
-    fits,
     schedule_step,
 )
 
-#: Named settings for :func:`schedule_free_adamw`.
-#: ``"reference"``: the defaults of ``schedulefree.AdamWScheduleFree`` (1.4.1).
-#: ``"algoperf"``: the AlgoPerf 2024 self-tuning winner (Defazio et al.;
-#: ``schedulefree/algoperf/self_tuning/schedule_free_adamw/submission.py``): ``beta1 = 1 - 0.1``,
-#: ``beta2 = 0.9955159689799007``, ``weight_decay = 0.08121616522670176``, ``r = 0.75``;
-#: it also warms up over 2% of the run: add ``warmup_steps=int(0.02 * total_steps)``.
-SCHEDULE_FREE_ADAMW_PRESETS: dict[str, dict[str, float]] = {
-    "reference": {
-        "learning_rate": 0.0025, "b1": 0.9, "b2": 0.999, "eps": 1e-8, "weight_decay": 0.0,
-        "r": 0.0, "weight_lr_power": 2.0,
-    },
-    "algoperf": {
-        "learning_rate": 0.0025, "b1": 0.9, "b2": 0.9955159689799007, "eps": 1e-8,
-        "weight_decay": 0.08121616522670176, "r": 0.75, "weight_lr_power": 2.0,
-    },
-}
+#: Named settings (sources in ``optim.presets``): ``"reference"`` (schedulefree 1.4.1 defaults),
+#: ``"algoperf"`` (AdamW only: the AlgoPerf 2024 self-tuning winner; add ``warmup_steps=int(0.02 * total)``)
+#: and ``"calibrated"``.
+SCHEDULE_FREE_SGD_PRESETS = PRESETS["schedule_free_sgd"]
+SCHEDULE_FREE_ADAMW_PRESETS = PRESETS["schedule_free_adamw"]
+SCHEDULE_FREE_RADAM_PRESETS = PRESETS["schedule_free_radam"]
 
 
 class ScheduleFreeState(NamedTuple):
@@ -188,7 +184,8 @@ def _schedule_free_core(name, direction, init_inner, learning_rate, b1, r, weigh
             x=_init_x(params, z),
         )
 
-    def update_fn(updates, state, params=None):
+    def update_fn(updates, state, params=None, **extra_args):
+        del extra_args  # accepted and ignored, as optax.contrib does
         _check_update_args(name, updates, params, state)
         k = state.count
         # the user's schedule runs on update calls; the warmup and the averaging weight on applied steps
@@ -219,28 +216,21 @@ def _schedule_free_core(name, direction, init_inner, learning_rate, b1, r, weigh
         stepped = ScheduleFreeState(k, state.num_nonfinite, state.b1, weight_sum, lr_max, z, inner, x)
         return commit(gate, new_updates, stepped, state, gated=("z", "inner", "x"))
 
-    return optax.GradientTransformation(init_fn, update_fn)
-
-
-def _decay_at_y(weight_decay):
-    """``ghat + weight_decay * y``, with the term left out of the program for a static 0."""
-    if is_static_zero(weight_decay):
-        return lambda ghat, params: ghat
-    return lambda ghat, params: jax.tree.map(lambda g, y: g + weight_decay * y, ghat, params)
+    return optax.GradientTransformationExtraArgs(init_fn, update_fn)
 
 
 def schedule_free_sgd(
     learning_rate: ScalarOrSchedule = 1.0,
+    warmup_steps: int | None = None,
     b1: float = 0.9,
-    weight_decay: float = 0.0,
-    warmup_steps: int = 0,
-    r: float = 0.0,
+    weight_decay: float | None = None,
     weight_lr_power: float = 2.0,
-    *,
     state_dtype=None,
+    *,
+    r: float = 0.0,
     skip_nonfinite: bool = True,
     axis_name: _tree.AxisName = None,
-) -> optax.GradientTransformation:
+) -> optax.GradientTransformationExtraArgs:
     r"""Schedule-free SGD (``schedulefree.SGDScheduleFree``).
 
     .. math::
@@ -248,17 +238,21 @@ def schedule_free_sgd(
         y_{t+1} = y_t + c_{t+1}(z_t - y_t) + \gamma_t(\beta(1 - c_{t+1}) - 1)\hat g,\qquad
         z_{t+1} = z_t - \gamma_t \hat g
 
+    The argument order is ``optax.contrib.schedule_free_sgd``'s (see the module docstring for the
+    warmup step where optax differs); ``r`` and the skip options are keyword-only.
+
     Args:
       learning_rate: ``lr`` (float or schedule of the step count; warmup multiplies it).
         The reference advises 10-50x the usual SGD learning rate.
+      warmup_steps: linear warmup length; ``gamma_t = lr (t+1) / warmup_steps`` before it
+        (None or 0: none).
       b1: interpolation ``beta`` in (0, 1) (``momentum`` in the reference).
-      weight_decay: L2 decay evaluated at ``y``, added to the gradient.
-      warmup_steps: linear warmup length; ``gamma_t = lr (t+1) / warmup_steps`` before it.
-      r: polynomial weighting power of the average.
+      weight_decay: L2 decay evaluated at ``y``, added to the gradient (None or 0: none).
       weight_lr_power: power of ``max lr`` in the averaging weight.
       state_dtype: dtype of ``z`` and the second moments (default: float32 at least, the
         parameters' dtype if wider; ``jnp.bfloat16`` halves the state of bfloat16 models at
         the cost of precision in the average).
+      r: polynomial weighting power of the average.
       skip_nonfinite: skip a step whose gradient has a NaN/Inf entry, or one whose square
         overflows the dtype of ``z`` (see the module docstring). The check is a pass over the
         gradient, about 15 % of a step that is memory-bound; ``False`` drops it, and a
@@ -267,7 +261,7 @@ def schedule_free_sgd(
       axis_name: mapped axis for the (only) global reduction, the non-finite check.
 
     Returns:
-      An ``optax.GradientTransformation`` with :class:`ScheduleFreeState`. The params passed
+      An ``optax.GradientTransformationExtraArgs`` with :class:`ScheduleFreeState`. The params passed
       to ``update`` are ``y``; evaluate at :func:`schedule_free_eval_params`.
 
     Raises:
@@ -294,12 +288,13 @@ def schedule_free_sgd(
       Defazio, Yang, Mehta, Mishchenko, Khaled, Cutkosky, `The Road Less Scheduled
       <https://arxiv.org/abs/2405.15682>`_, NeurIPS 2024.
     """
+    warmup_steps = 0 if warmup_steps is None else warmup_steps  # optax.contrib's "no warmup"
+    weight_decay = 0.0 if weight_decay is None else weight_decay
     hp_ok = V.all_of(_check_common(learning_rate, b1, weight_decay, r, weight_lr_power, state_dtype),
                      V.nonnegative_int("warmup_steps", warmup_steps))
-    decay = _decay_at_y(weight_decay)
 
     def direction(grads, params, inner, k, gate):
-        return decay(grads, params), 1.0, inner
+        return coupled_decay(grads, params, weight_decay, grads), 1.0, inner
 
     return _schedule_free_core(
         "schedule_free_sgd", direction, lambda p: None, learning_rate, b1, r, weight_lr_power, warmup_steps,
@@ -314,18 +309,18 @@ def _check_adam(b2, eps):
 
 def schedule_free_adamw(
     learning_rate: ScalarOrSchedule = 0.0025,
+    warmup_steps: int | None = None,
     b1: float = 0.9,
     b2: float = 0.999,
     eps: float = 1e-8,
     weight_decay: float = 0.0,
-    warmup_steps: int = 0,
-    r: float = 0.0,
     weight_lr_power: float = 2.0,
-    *,
     state_dtype=None,
+    *,
+    r: float = 0.0,
     skip_nonfinite: bool = True,
     axis_name: _tree.AxisName = None,
-) -> optax.GradientTransformation:
+) -> optax.GradientTransformationExtraArgs:
     r"""Schedule-free AdamW (``schedulefree.AdamWScheduleFree``).
 
     .. math::
@@ -334,18 +329,20 @@ def schedule_free_adamw(
 
     then the schedule-free ``y``/``z`` steps of :func:`schedule_free_sgd` with ``hat g``. No
     first moment: ``b1`` is the interpolation. See :data:`SCHEDULE_FREE_ADAMW_PRESETS` for
-    the reference defaults and the AlgoPerf calibration.
+    the reference defaults, the AlgoPerf and our calibration. The argument order is
+    ``optax.contrib.schedule_free_adamw``'s; ``r`` and the skip options are keyword-only.
 
     Args:
       learning_rate: ``lr`` (float or schedule); the reference advises 1-10x AdamW's.
+      warmup_steps: as in :func:`schedule_free_sgd`.
       b1: interpolation ``beta`` in (0, 1).
       b2: second-moment decay in (0, 1).
       eps: added outside the square root.
       weight_decay: decay evaluated at ``y``, added to the normalised gradient.
-      warmup_steps, r, weight_lr_power, state_dtype, skip_nonfinite, axis_name: as in :func:`schedule_free_sgd`.
+      weight_lr_power, state_dtype, r, skip_nonfinite, axis_name: as in :func:`schedule_free_sgd`.
 
     Returns:
-      An ``optax.GradientTransformation`` with :class:`ScheduleFreeState` (``inner`` = ``v``).
+      An ``optax.GradientTransformationExtraArgs`` with :class:`ScheduleFreeState` (``inner`` = ``v``).
 
     Raises:
       ValueError: a concrete hyperparameter out of range (NaN included), a learning-rate
@@ -367,16 +364,15 @@ def schedule_free_adamw(
     References:
       Defazio et al., `The Road Less Scheduled <https://arxiv.org/abs/2405.15682>`_, NeurIPS 2024.
     """
+    warmup_steps = 0 if warmup_steps is None else warmup_steps
     hp_ok = V.all_of(_check_common(learning_rate, b1, weight_decay, r, weight_lr_power, state_dtype),
                      _check_adam(b2, eps), V.nonnegative_int("warmup_steps", warmup_steps))
-    decay = _decay_at_y(weight_decay)
-    acc = _tree.accumulation_dtype()
 
     def direction(grads, params, nu, k, gate):
         nu = jax.tree.map(lambda v, g: (gate.decay(b2) * v + (1 - b2) * g * g).astype(v.dtype), nu, grads)
-        bc2 = 1 - jnp.power(jnp.asarray(b2, acc), (k + 1).astype(acc))
+        bc2 = bias_correction(b2, k)
         ghat = jax.tree.map(lambda g, v: g / (jnp.sqrt(v / bc2) + eps), grads, nu)
-        return decay(ghat, params), 1.0, nu
+        return coupled_decay(ghat, params, weight_decay, ghat), 1.0, nu
 
     return _schedule_free_core(
         "schedule_free_adamw", direction, lambda p: _zeros_like_tree(p, state_dtype), learning_rate, b1, r,
@@ -390,14 +386,14 @@ def schedule_free_radam(
     b2: float = 0.999,
     eps: float = 1e-8,
     weight_decay: float = 0.0,
-    r: float = 0.0,
     weight_lr_power: float = 2.0,
-    silent_sgd_phase: bool = True,
-    *,
     state_dtype=None,
+    *,
+    r: float = 0.0,
+    silent_sgd_phase: bool = True,
     skip_nonfinite: bool = True,
     axis_name: _tree.AxisName = None,
-) -> optax.GradientTransformation:
+) -> optax.GradientTransformationExtraArgs:
     r"""Schedule-free RAdam (``schedulefree.RAdamScheduleFree``): no warmup to tune.
 
     With ``rho_inf = 2/(1-b2) - 1`` and ``rho_t = rho_inf - 2 (t+1) b2^{t+1} / (1 - b2^{t+1})``,
@@ -408,11 +404,12 @@ def schedule_free_radam(
     with ``rect = 1`` otherwise.
 
     Args:
+      learning_rate, b1, b2, eps, weight_decay, weight_lr_power, state_dtype, r, skip_nonfinite,
+        axis_name: as in :func:`schedule_free_adamw` (in that order, without ``warmup_steps``).
       silent_sgd_phase: skip the early SGD phase (the reference default and recommendation).
-      Others: as in :func:`schedule_free_adamw` (there is no ``warmup_steps``).
 
     Returns:
-      An ``optax.GradientTransformation`` with :class:`ScheduleFreeState` (``inner`` = ``v``).
+      An ``optax.GradientTransformationExtraArgs`` with :class:`ScheduleFreeState` (``inner`` = ``v``).
 
     Raises:
       ValueError: a concrete hyperparameter out of range (NaN included), a learning-rate
@@ -438,141 +435,26 @@ def schedule_free_radam(
     """
     hp_ok = V.all_of(_check_common(learning_rate, b1, weight_decay, r, weight_lr_power, state_dtype),
                      _check_adam(b2, eps))
-    decay = _decay_at_y(weight_decay)
     acc = _tree.accumulation_dtype()
     rho_inf = 2 / (1 - b2) - 1
 
     def direction(grads, params, nu, k, gate):
         nu = jax.tree.map(lambda v, g: (gate.decay(b2) * v + (1 - b2) * g * g).astype(v.dtype), nu, grads)
         step = (k + 1).astype(acc)
-        b2t = jnp.power(jnp.asarray(b2, acc), step)
-        bc2 = 1 - b2t
+        bc2 = bias_correction(b2, k)
+        b2t = 1 - bc2
         rho_t = rho_inf - 2 * step * b2t / bc2
         adam = rho_t > 4
         safe_rho = jnp.where(adam, rho_t, 5.0)
         rect = jnp.sqrt((safe_rho - 4) * (safe_rho - 2) * rho_inf / ((rho_inf - 4) * (rho_inf - 2) * safe_rho))
         factor = jnp.where(adam, rect, 0.0 if silent_sgd_phase else 1.0)
         ghat = jax.tree.map(lambda g, v: jnp.where(adam, g / (jnp.sqrt(v / bc2) + eps), g), grads, nu)
-        return decay(ghat, params), factor, nu
+        return coupled_decay(ghat, params, weight_decay, ghat), factor, nu
 
     return _schedule_free_core(
         "schedule_free_radam", direction, lambda p: _zeros_like_tree(p, state_dtype), learning_rate, b1, r,
         weight_lr_power, 0, state_dtype, skip_nonfinite, axis_name, hp_ok,
     )
-
-
-def schedule_free(
-    base: optax.GradientTransformation,
-    learning_rate: ScalarOrSchedule = 1.0,
-    b1: float = 0.9,
-    weight_decay_at_y: float = 0.0,
-    r: float = 0.0,
-    weight_lr_power: float = 2.0,
-    *,
-    state_dtype=None,
-    skip_nonfinite: bool = True,
-    axis_name: _tree.AxisName = None,
-) -> optax.GradientTransformation:
-    r"""Make any optax transform schedule-free (``schedulefree.ScheduleFreeWrapper``).
-
-    ``base`` takes its step on ``z`` with the gradient at ``y``:
-    ``z_{t+1} = z_t + base.update(g(y_t), base_state, z_t)``; then
-    ``x_{t+1} = x_t + c_{t+1}(z_{t+1} - x_t)`` and ``y_{t+1} = x_{t+1} + (1-b1)(z_{t+1} - x_{t+1})``.
-    With ``weight_decay_at_y = lambda``, first ``z -= lr lambda y`` and ``y -= lr lambda (1-b1) y``.
-
-    Args:
-      base: any ``optax.GradientTransformation`` returning signed updates (e.g. ``optax.adam(1e-3)``),
-        usually without momentum (the wrapper's interpolation replaces it). Its own weight
-        decay acts at ``z``.
-      learning_rate: the base's learning rate (float or schedule of this wrapper's step count),
-        used only for the averaging weight ``(max lr)^weight_lr_power`` and the decay at ``y``;
-        the reference reads it from the base's param group. A constant cancels out of ``c``.
-      b1: interpolation ``beta`` in (0, 1) (``momentum`` in the reference).
-      weight_decay_at_y: decay evaluated at ``y``.
-      r, weight_lr_power, state_dtype, skip_nonfinite, axis_name: as in :func:`schedule_free_sgd`.
-
-    Returns:
-      An ``optax.GradientTransformation`` with :class:`ScheduleFreeState` (``inner`` = base state).
-
-    Raises:
-      ValueError: a concrete hyperparameter out of range (NaN included), a learning-rate
-        schedule that is negative or NaN at step 0, NaN/Inf in the parameters given to ``init``.
-      TypeError: a hyperparameter of the wrong type; integer or complex parameters or updates.
-
-    Bad values at run time (the rule of ``optim._lrfree``): a gradient with a NaN/Inf entry,
-    or one whose square overflows the float32 state, a learning rate (schedule value) that is
-    NaN, infinite or negative, or an injected hyperparameter out of range skips the step:
-    zero updates, state unchanged, ``num_nonfinite`` + 1; the schedule is evaluated at the
-    number of ``update`` calls, so it moves on. float16/bfloat16 parameters keep float32 state.
-
-    Example:
-      >>> import jax.numpy as jnp, optax, optim
-      >>> tx = optim.schedule_free(optax.adam(1e-2, b1=0.0), learning_rate=1e-2)
-      >>> y = jnp.array([1.0, -2.0])
-      >>> updates, state = tx.update(2 * y, tx.init(y), y)
-      >>> x = optim.schedule_free_eval_params(state, optax.apply_updates(y, updates))
-
-    References:
-      Defazio et al., `The Road Less Scheduled <https://arxiv.org/abs/2405.15682>`_, NeurIPS 2024.
-    """
-    if not hasattr(base, "init") or not hasattr(base, "update"):
-        V.fail("base", base, "an optax.GradientTransformation (with `init` and `update`)",
-               "Pass e.g. optax.adam(1e-3, b1=0.0).", TypeError)
-    hp_ok = _check_common(learning_rate, b1, weight_decay_at_y, r, weight_lr_power, state_dtype,
-                          name="weight_decay_at_y")
-    acc = _tree.accumulation_dtype()
-    decay = not is_static_zero(weight_decay_at_y)
-
-    def init_fn(params):
-        check_init("schedule_free", params)
-        z = jax.tree.map(lambda p: jnp.array(p, _z_dtype(p, state_dtype), copy=True), params)
-        return ScheduleFreeState(
-            count=jnp.zeros((), jnp.int32),
-            num_nonfinite=jnp.zeros((), jnp.int32),
-            b1=jnp.asarray(b1, acc),
-            weight_sum=jnp.zeros((), acc),
-            lr_max=jnp.zeros((), acc),
-            z=z,
-            inner=base.init(z),
-            x=_init_x(params, z),
-        )
-
-    def update_fn(updates, state, params=None, **extra_args):
-        _check_update_args("schedule_free", updates, params, state)
-        lr, lr_ok = learning_rate_at(learning_rate, schedule_step(state))
-        gate = _finite_gate(updates, skip_nonfinite, axis_name, state.z, V.all_of(lr_ok, hp_ok))
-        lr = jnp.where(gate.take, lr, 0)  # a NaN lr of a skipped step must not reach the weights
-        y, z = params, state.z
-        if decay:
-            z = jax.tree.map(lambda zi, yi: (zi - lr * weight_decay_at_y * yi).astype(zi.dtype), z, y)
-            y = jax.tree.map(lambda yi: yi - lr * weight_decay_at_y * (1 - b1) * yi, y)
-        x = jax.tree.map(lambda yi, zi, xi: _x_of(yi, zi, xi, b1), y, z, state.x)
-        ckp1, lr_max, weight_sum = _averaging_weight(state, lr, r, weight_lr_power)
-
-        def step():
-            grads = jax.tree.map(lambda g, zi: g.astype(zi.dtype), updates, z)
-            base_updates, inner = optax.with_extra_args_support(base).update(grads, state.inner, z, **extra_args)
-            # keep the base state's types (a base may widen them), so both branches agree
-            inner = jax.tree.map(lambda new, old: jnp.asarray(new).astype(jnp.result_type(old)), inner, state.inner)
-            z_new = jax.tree.map(lambda zi, u: (zi + u).astype(zi.dtype), z, base_updates)
-
-            x_new = jax.tree.map(lambda xi, zi: xi + ckp1 * (zi - xi), x, z_new)
-
-            def y_next(y0, xi, zi):
-                return (xi + (1 - b1) * (zi - xi) - y0).astype(y0.dtype)
-
-            stored = jax.tree.map(lambda xs, xi: xi.astype(xs.dtype) if xs.size else xs, state.x, x_new)
-            return jax.tree.map(y_next, params, x_new, z_new), z_new, inner, stored
-
-        def skip():
-            return jax.tree.map(jnp.zeros_like, params), state.z, state.inner, state.x
-
-        # the base state is the base's own: skip its step by a branch, not a select (which costs a copy)
-        new_updates, z, inner, x_state = jax.lax.cond(gate.take, step, skip)
-        stepped = ScheduleFreeState(state.count, state.num_nonfinite, state.b1, weight_sum, lr_max, z, inner, x_state)
-        return commit(gate, new_updates, stepped, state, gated=("z", "inner", "x"))
-
-    return optax.GradientTransformationExtraArgs(init_fn, update_fn)
 
 
 def _find_state(state: Any) -> ScheduleFreeState:

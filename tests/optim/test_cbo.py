@@ -12,7 +12,7 @@ import optax
 import pytest
 
 import optim
-from optim.cbo import consensus_point as _consensus_point, ess_alpha as _ess_alpha
+from optim import consensus_point as _consensus_point, ess_alpha as _ess_alpha
 
 consensus_point = jax.jit(_consensus_point)
 ess_alpha = jax.jit(_ess_alpha, static_argnums=(1, 2, 3))
@@ -391,7 +391,8 @@ def test_success_rate_matches_cbx_on_an_intermediate_cell():
     cbx_rate = float(np.mean(np.max(np.abs(dyn.consensus[:, 0, :]), axis=1) < 0.25))
 
     def ackley(x):
-        return -20.0 * jnp.exp(-0.2 * jnp.sqrt(jnp.mean(x**2))) - jnp.exp(jnp.mean(jnp.cos(2 * jnp.pi * x))) + 20 + jnp.e
+        return (-20.0 * jnp.exp(-0.2 * jnp.sqrt(jnp.mean(x**2))) - jnp.exp(jnp.mean(jnp.cos(2 * jnp.pi * x)))
+                + 20 + jnp.e)
 
     tx = optim.cbo(noise="isotropic", sigma=0.5, lambda_=1.0, dt=0.01, alpha=30.0, alpha_growth=1.05, alpha_max=1e5)
     keys = jax.random.split(jax.random.key(0), runs)

@@ -1,16 +1,14 @@
 """DoG, LDoG, DoWG and polynomial-decay averaging: parity with dog-optimizer and the DoWG paper."""
 
-import functools
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
-from jax.sharding import Mesh, PartitionSpec as P
 
 import optim
-from tests.optim import _parity_problems as pp
+from tests.optim import _problems as pp
 
 STEPS = 200
 TOL = 1e-6
@@ -46,7 +44,8 @@ def test_dog_ldog_match_dog_optimizer(name, problem, option):
     assert diff.max() <= TOL, f"max rel diff {diff.max():.3g} at step {diff.argmax()}"
 
 
-def _dowg_numpy(prob, steps, reps_rel=1e-6, learning_rate=1.0, weight_decay=0.0, eps=1e-8, init_distance=None):
+def _dowg_numpy(prob, steps, reps_rel=1e-6, learning_rate=1.0, weight_decay=0.0, eps=1e-8,
+                init_estim_sq_dist=None):
     """Algorithm 1 of Khaled, Mishchenko, Jin (2023) in float64 numpy, on the flattened parameters."""
     keys = sorted(prob.params0)
     sizes = [np.size(prob.params0[k]) for k in keys]
@@ -59,7 +58,7 @@ def _dowg_numpy(prob, steps, reps_rel=1e-6, learning_rate=1.0, weight_decay=0.0,
 
     x0 = np.concatenate([np.ravel(prob.params0[k]) for k in keys])
     x = x0.copy()
-    rbar = init_distance if init_distance is not None else reps_rel * (1 + np.linalg.norm(x0))
+    rbar = reps_rel * (1 + np.linalg.norm(x0)) if init_estim_sq_dist is None else np.sqrt(init_estim_sq_dist)
     v = 0.0
     out = []
     for _ in range(steps):
@@ -130,7 +129,8 @@ def test_first_step_by_hand():
     assert up["s"].shape == () and st.rbar["s"].shape == ()
     assert float(up["s"]) == pytest.approx(-1e-6 * 3 / np.sqrt(0.25 + 1e-8) * 0.5, rel=1e-14)
     # DoWG: eta = rbar^2 / (sqrt(rbar^2 ||g||^2) + eps) = rbar / ||g|| up to eps
-    up, st = optim.dowg(init_distance=0.1, eps=0.0).update(g, optim.dowg(init_distance=0.1).init(x0), x0)
+    tx = optim.dowg(init_estim_sq_dist=0.01, eps=0.0)
+    up, st = tx.update(g, tx.init(x0), x0)
     np.testing.assert_allclose(up, -0.1 / np.sqrt(5) * np.array([1.0, 2.0]), rtol=1e-14)
 
 
@@ -141,33 +141,6 @@ def test_scalar_accumulators_are_wide_whatever_the_param_dtype():
         updates, state = tx.update(params, state, params)
         assert all(x.dtype == jnp.float64 for x in jax.tree.leaves((state.rbar, state.grad_sum)))
         assert updates["w"].dtype == jnp.bfloat16 and updates["b"].dtype == jnp.float32
-
-
-@pytest.mark.parametrize(
-    "factory, kwargs, match",
-    [
-        (optim.dog, {"reps_rel": 0.0}, r"`reps_rel` must be a finite number > 0, got 0.0"),
-        (optim.dog, {"reps_rel": -1e-6}, r"`reps_rel` must be a finite number > 0"),
-        (optim.ldog, {"init_eta": -1.0}, r"`init_eta` must be a finite number > 0, got -1.0"),
-        (optim.dowg, {"init_distance": 0.0}, r"`init_distance` must be a finite number > 0"),
-        (optim.dog, {"learning_rate": 0.0}, r"`learning_rate` must be a finite number > 0"),
-        (optim.dowg, {"weight_decay": -0.1}, r"`weight_decay` must be a finite number >= 0"),
-        (optim.polynomial_decay_averaging, {"gamma": -1.0}, r"`gamma` must be a finite number >= 0"),
-    ],
-)
-def test_bad_hyperparameters_raise_at_construction(factory, kwargs, match):
-    with pytest.raises(ValueError, match=match):
-        factory(**kwargs)
-
-
-@pytest.mark.parametrize("tx", [optim.dog(), optim.ldog(), optim.dowg(), optim.polynomial_decay_averaging()])
-def test_structure_mismatch_and_missing_params_raise(tx):
-    params = {"a": jnp.ones(2), "b": jnp.ones(3)}
-    state = tx.init(params)
-    with pytest.raises(ValueError, match=r"`updates` has tree structure .* but `params` has"):
-        tx.update({"a": jnp.ones(2)}, state, params)
-    with pytest.raises(ValueError, match=r"needs `params`"):
-        tx.update(params, state)
 
 
 @pytest.mark.parametrize("name", ["dog", "dowg"])
@@ -229,46 +202,3 @@ def test_ldog_skips_only_the_tensor_with_a_nonfinite_gradient():
             np.testing.assert_array_equal(u[k], clean_u[k])
             assert float(s_new.grad_sum[k]) == float(clean_s.grad_sum[k]) != float(s.grad_sum[k])
         assert int(s_new.num_nonfinite) == 1 and int(s_new.count) == int(s.count) == 2
-
-
-def test_works_under_inject_hyperparams_and_jit_without_recompiling():
-    tx = optax.inject_hyperparams(optim.dog)(learning_rate=1.0, weight_decay=1e-3)
-    params = jnp.array([1.0, -2.0, 0.5])
-    state = tx.init(params)
-    step = jax.jit(lambda p, s: tx.update(2 * p, s, p))
-    u1, s1 = step(params, state)
-    ref, _ = optim.dog(weight_decay=1e-3).update(2 * params, optim.dog().init(params), params)
-    np.testing.assert_allclose(u1, ref, rtol=1e-14)
-    step(params + u1, s1)
-    assert step._cache_size() == 1
-
-
-@pytest.mark.parametrize("name", ["dog", "ldog", "dowg"])
-def test_sharded_with_axis_name_equals_single_device(name):
-    """Parameters and state sharded over 8 devices: psum'd norms reproduce the unsharded run."""
-    mesh = Mesh(np.array(jax.devices()[:8]), ("d",))
-    rng = np.random.default_rng(0)
-    target = {"a": jnp.asarray(rng.normal(size=(16, 3))), "b": jnp.asarray(rng.normal(size=(8,)))}
-    params = jax.tree.map(jnp.zeros_like, target)
-
-    def run(tx, p, t, vary=False):
-        def body(_, carry):
-            p, s = carry
-            u, s = tx.update(jax.tree.map(jnp.subtract, p, t), s, p)
-            return optax.apply_updates(p, u), s
-
-        s = tx.init(p)
-        if vary:  # without axis_name the scalars become per-device values; the loop carry must say so
-            s = jax.tree.map(lambda x: x + (0 * jax.lax.axis_index("d")).astype(x.dtype), s)
-        return jax.lax.fori_loop(0, 20, body, (p, s))[0]
-
-    def sharded(tx, vary):
-        f = functools.partial(run, tx, vary=vary)
-        return jax.jit(jax.shard_map(f, mesh=mesh, in_specs=(P("d"), P("d")), out_specs=P("d")))(params, target)
-
-    single = jax.jit(functools.partial(run, getattr(optim, name)()))(params, target)
-    exact = sharded(getattr(optim, name)(axis_name="d"), vary=False)
-    local = sharded(getattr(optim, name)(), vary=True)
-    err = max(float(jnp.max(jnp.abs(a - b))) for a, b in zip(jax.tree.leaves(exact), jax.tree.leaves(single)))
-    bad = max(float(jnp.max(jnp.abs(a - b))) for a, b in zip(jax.tree.leaves(local), jax.tree.leaves(single)))
-    assert err <= 1e-12 and bad > 1e-6

@@ -1,5 +1,6 @@
 """One table for every learning-rate-free transform: optimum, compilation, dtypes,
-checkpoints, composition and sharding.
+checkpoints, composition, the API contract (structure checks, extra arguments, optax tree
+utilities) and sharding.
 
 Each ``Entry`` builds its transform with ``make(axis_name=None)``. To add a transform,
 append an ``Entry`` to ``TRANSFORMS`` (schedule-free/averaging methods pass
@@ -52,7 +53,7 @@ TRANSFORMS: list[Entry] = [
           optim.dadapt_lion, {"learning_rate": 0.1}, solves=(), shard_kwargs={"d0": 1e-2},
           diverges_without_axis_name=False),
     Entry("mechanize", lambda axis_name=None, **kw: optim.mechanize(optax.adam(1.0), axis_name=axis_name, **kw),
-          optim.mechanize, {"base": optax.adam(1.0), "weight_decay": 0.01}, shard_kwargs={"s_init": 1e-4}),
+          optim.mechanize, {"base_optimizer": optax.adam(1.0), "weight_decay": 0.01}, shard_kwargs={"s_init": 1e-4}),
     Entry("cocob", lambda axis_name=None, **kw: optim.cocob(axis_name=axis_name, **kw), optim.cocob,
           {"alpha": 100.0}, diverges_without_axis_name=False),
     Entry("dog", lambda axis_name=None, **kw: optim.dog(axis_name=axis_name, **kw), optim.dog,
@@ -79,7 +80,7 @@ TRANSFORMS: list[Entry] = [
           eval_params=optim.schedule_free_eval_params, shard_kwargs={"learning_rate": 0.05}),  # 4 silent steps
     Entry("schedule_free(adam)",
           lambda axis_name=None, **kw: optim.schedule_free(optax.adam(1e-2, b1=0.0), 1e-2, axis_name=axis_name, **kw),
-          optim.schedule_free, {"base": optax.adam(1e-2, b1=0.0), "learning_rate": 1e-2},
+          optim.schedule_free, {"base_optimizer": optax.adam(1e-2, b1=0.0), "learning_rate": 1e-2},
           diverges_without_axis_name=False, eval_params=optim.schedule_free_eval_params),
 ]
 IDS = [e.name for e in TRANSFORMS]
@@ -184,6 +185,35 @@ def test_checkpoint_resume_chain_and_inject_hyperparams(entry):
     in_p, _ = jax.jit(lambda p: _run(injected, loss, p, 10))(params)
     for a, b in zip(jax.tree.leaves(in_p), jax.tree.leaves(full_p)):
         np.testing.assert_allclose(a, b, rtol=1e-12, atol=1e-300)
+    update = jax.jit(injected.update)  # injected hyperparameters are arrays: no recompile on the second step
+    u, s = update(jax.grad(loss)(params), injected.init(params), params)
+    update(jax.grad(loss)(params), s, optax.apply_updates(params, u))
+    assert update._cache_size() == 1, f"{entry.name} under inject_hyperparams recompiled"
+
+
+@pytest.mark.parametrize("entry", TRANSFORMS, ids=IDS)
+def test_api_contract_structure_checks_extra_args_and_tree_utilities(entry):
+    """The contract every transform keeps (optax.contrib's tests call it this way): ``update`` needs
+    ``params`` with the structure given to ``init`` and ignores extra keyword arguments (optax's
+    ``value=``); ``optax.tree.map_params`` reaches the parameter-shaped state leaves."""
+    tx = entry.make()
+    params = {"a": jnp.ones(2), "b": jnp.full(3, 0.5)}
+    state = tx.init(params)
+    with pytest.raises(ValueError, match=r"`updates` has tree structure .* but `params` has"):
+        tx.update({"a": jnp.ones(2)}, state, params)
+    with pytest.raises(ValueError, match=r"needs `params`"):
+        tx.update(params, state)
+    extra = {"value": jnp.asarray(1.0), "unexpected_extra_args_your_optimizer_doesnt_expect": 1}
+    with_extra = tx.update(params, state, params, **extra)
+    for a, b in zip(jax.tree.leaves(with_extra), jax.tree.leaves(tx.update(params, state, params))):
+        np.testing.assert_array_equal(a, b)
+    # the state's subtrees shaped like the params (x0, z, moments; LDoG's per-tensor scalars) are mapped,
+    # the counters are not
+    mapped = optax.tree.map_params(tx, lambda v: v + 1.0, state)
+    assert jax.tree.structure(mapped) == jax.tree.structure(state)
+    changed = [not np.array_equal(a, b) for a, b in zip(jax.tree.leaves(mapped), jax.tree.leaves(state))]
+    counters = [jnp.issubdtype(x.dtype, jnp.integer) for x in jax.tree.leaves(state)]
+    assert any(changed) and not any(c and k for c, k in zip(changed, counters)), (entry.name, changed)
 
 
 def _resume(tx, loss, params, state, steps):
