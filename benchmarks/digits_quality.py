@@ -5,8 +5,8 @@ labels from one fixed x_T, sampled from t_max (the table's last entry) to t_min 
 NFE 3, 4, 5, 6, 8, 10, 15, 20 on four grids (uniform in t, in sqrt t, in log-SNR, Karras rho = 7) at
 classifier-free guidance scales 1 (the plain conditional model), 2 and 5. Two measures:
 
-- solver error: RMS (over pixels and samples) distance to the reference solve of the same guided ODE from
-  the same x_T (``jd.metrics.reference_solve``: Dopri8 in log-SNR, rtol = atol = 1e-5, which is 1.2e-5 from
+- solver error: RMS (over pixels and the first 64 samples) distance to the reference solve of the same
+  guided ODE from the same x_T (``jd.metrics.reference_solve``: Dopri8 in log-SNR, rtol = atol = 1e-5, which is 1.2e-5 from
   the rtol = 1e-6 solve on this model; the discrete table's piecewise-linear log alpha makes the ODE only
   piecewise smooth, so the adaptive solve takes ~2400 model calls, and even UniPC-3 at 200 steps is 3e-4 off);
 - Frechet distance in the shipped classifier's features against the held-out "test" split, next to the
@@ -38,6 +38,7 @@ jax.config.update("jax_enable_x64", True)
 NFES = (3, 4, 5, 6, 8, 10, 15, 20)
 GRIDS = ("time", "quadratic", "logsnr", "karras")
 SCALES = (1.0, 2.0, 5.0)
+ERROR_SAMPLES = 64  # the solver error is an average: 64 samples pin it; the FD uses all of them
 
 
 def solvers(ems=None) -> dict[str, jd.Solver]:
@@ -95,8 +96,8 @@ def main(argv=None):
 
     for scale in scales:
         den = dataclasses.replace(den0, guidance=jd.CFG(jnp.asarray(scale)))
-        args = jd.pretrained.digits_args(variables, labels, guidance=True)
-        ref = jd.metrics.reference_solve(den, x_T, t_max, t_min, args=args, rtol=1e-5, atol=1e-5)
+        args = jd.pretrained.digits_args(variables, labels[:ERROR_SAMPLES], guidance=True)
+        ref = jd.metrics.reference_solve(den, x_T[:ERROR_SAMPLES], t_max, t_min, args=args, rtol=1e-5, atol=1e-5)
         print(f"scale {scale}: reference solve with {int(ref.nfe)} model calls", flush=True)
         ems = None
         if not opts.quick:
@@ -117,7 +118,7 @@ def main(argv=None):
                             den, x_T, variables)
                     else:
                         x = run(den, x_T, ts, variables)
-                    err = float(jd.metrics.solver_error(x, ref.x))
+                    err = float(jd.metrics.solver_error(x[:ERROR_SAMPLES], ref.x))
                     fd = jd.metrics.frechet_distance(np.asarray(feats(x.astype(jnp.float32))), test_feats)
                     acc = float(jd.metrics.class_accuracy(clf, x.astype(jnp.float32), labels))
                     records.append(dict(scale=scale, solver=name, grid=grid, nfe=jd.nfe(solver, ts), steps=steps,
