@@ -3,13 +3,20 @@
 A message names the argument in backticks, says what was expected and what came in, and ends with
 what to do (the format ``optim`` uses too)::
 
-    `ts` must be strictly decreasing (from noise to data), got [0.5, 0.7, 0.1]. Build grids with `jaxdiff.timesteps`.
+    `eta` must be a real number in [0, 1], got 1.5. 0 is the deterministic DDIM, 1 DDPM's ancestral step ...
 
 Checks run at trace time on concrete values (Python numbers, NumPy arrays, concrete JAX arrays) or once
 in constructors; nothing here adds work to a compiled program. A traced value (an argument of ``jax.jit``,
-a ``vmap``-ped leaf, a placeholder leaf while JAX rebuilds a pytree) is not checked: ``concrete`` returns
-None for it and each check returns quietly. The one opt-in runtime check is ``check_grid`` on a traced
-grid, which emits ``jax.experimental.checkify`` checks (see its docstring).
+a ``vmap``-ped leaf) is not checked: ``concrete`` returns None for it and each check returns quietly.
+Quantities computed from concrete inputs while a ``jit`` traces (alpha at the first grid point, say) would
+be staged into the trace; ``eager`` computes them at trace time instead (``jax.ensure_compile_time_eval``).
+
+Array leaves of pytrees (schedule parameters, the CFG scale) are checked where they are used
+(``jd.sample``, ``jd.timesteps``, ``fkc.sample``), not in constructors: JAX rebuilds pytrees through the
+constructor with gradients, tangents and placeholders as leaves. Static fields are checked in constructors.
+
+The one opt-in runtime check is ``check_grid`` on a traced grid, which emits ``jax.experimental.checkify``
+checks (see its docstring); ``fkc.sample(..., checks=True)`` does the same for its traced arguments.
 """
 
 from __future__ import annotations
@@ -104,11 +111,11 @@ def all_concrete(*xs: Any) -> bool:
     return all(concrete_scalar(x) is not None for x in xs)
 
 
-def require_concrete(x: Any, message: str) -> np.ndarray:
-    """``x`` as a float64 NumPy array; ``ValueError(message)`` when it is traced (for code that needs values)."""
+def require_concrete(x: Any, error: str) -> np.ndarray:
+    """``x`` as a float64 NumPy array; ``ValueError(error)`` when it is traced (for code that needs values)."""
     a = concrete(x)
     if a is None:
-        raise ValueError(message)
+        raise ValueError(error)
     return a.astype(np.float64)
 
 

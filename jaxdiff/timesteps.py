@@ -19,6 +19,7 @@ Continuous spacings default to ``"sigma_min"`` (ending at ``t_end``); discrete o
 
 from __future__ import annotations
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 
@@ -77,6 +78,13 @@ def timesteps(
         >>> ts.shape
         (11,)
     """
+    # computed eagerly when the schedule and times are concrete, also while a jit traces: the grid is then a
+    # constant that jd.sample can check and AdjointDPM / DPMSolverV3 can read
+    with jax.ensure_compile_time_eval():
+        return _grid(schedule, num_steps, spacing, t_start, t_end, final, rho, steps_offset)
+
+
+def _grid(schedule, num_steps, spacing, t_start, t_end, final, rho, steps_offset):
     if not isinstance(schedule, Schedule):
         raise TypeError(f"`schedule` must be a jaxdiff Schedule (e.g. `jd.VPLinear()`), got {type(schedule).__name__}.")
     schedule.check_params()

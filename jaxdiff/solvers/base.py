@@ -236,9 +236,12 @@ def step_terms(g: Grid, s, t, prediction: str) -> StepTerms:
         cross = jnp.exp(g.log_sigma[t] + g.log_alpha[s] - g.log_sigma[s])
         sign = -1.0
     else:
-        ratio = jnp.exp(g.log_alpha[t] - g.log_alpha[s])
+        # alpha_s = 0 (pure noise) has no finite noise-formulation step (those rows are replaced by the data
+        # step); a stand-in log alpha_s keeps exp() finite there, so no inf * 0 reaches gradients
+        la_s = jnp.where(jnp.isfinite(g.log_alpha[s]), g.log_alpha[s], 0.0)
+        ratio = jnp.exp(g.log_alpha[t] - la_s)
         scale = g.sigma[t]
-        cross = jnp.exp(g.log_alpha[t] + g.log_sigma[s] - g.log_alpha[s])
+        cross = jnp.exp(g.log_alpha[t] + g.log_sigma[s] - la_s)
         sign = 1.0
     h = g.lam[t] - g.lam[s]
     finite = jnp.isfinite(h)

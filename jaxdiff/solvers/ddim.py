@@ -19,6 +19,13 @@ from jaxdiff.solvers.base import Coefficients, Layout, Solver, grid
 __all__ = ["DDIM", "DDPM", "Euler"]
 
 
+def _sqrt(v):
+    """sqrt(max(v, 0)) with a zero (not infinite) derivative at 0: the first step from alpha = 0 with eta = 1
+    and the step into sigma = 0 both take sqrt(0)."""
+    pos = v > 0
+    return jnp.where(pos, jnp.sqrt(jnp.where(pos, v, 1.0)), 0.0)
+
+
 @dataclasses.dataclass(frozen=True)
 class DDIM(Solver):
     """DDIM with stochasticity ``eta`` in [0, 1] (0: deterministic probability-flow step).
@@ -46,10 +53,12 @@ class DDIM(Solver):
     def coefficients(self, schedule, ts) -> Coefficients:
         g = grid(schedule, ts)
         s, t = np.arange(ts.shape[0] - 1), np.arange(1, ts.shape[0])
-        # e^{-h} = sigma_t alpha_s / (alpha_t sigma_s), written so that sigma_t = 0 or alpha_s = 0 give 0
-        sigma_t_e = jnp.exp(g.log_sigma[t] + g.log_alpha[s] - g.log_sigma[s] - g.log_alpha[t]) * g.sigma[t]
-        noise = self.eta * jnp.sqrt(jnp.maximum(g.sigma[t] ** 2 - sigma_t_e**2, 0.0))
-        eps_coef = jnp.sqrt(jnp.maximum(g.sigma[t] ** 2 - noise**2, 0.0))  # multiplies eps = (x - alpha_s x0)/sigma_s
+        # e = e^{-h} = sigma_t alpha_s / (alpha_t sigma_s), written so that sigma_t = 0 or alpha_s = 0 give 0
+        e = jnp.exp(g.log_sigma[t] + g.log_alpha[s] - g.log_sigma[s] - g.log_alpha[t])
+        one_m = jnp.where(e > 0, -jnp.expm1(2.0 * jnp.log(jnp.where(e > 0, e, 1.0))), 1.0)  # 1 - e^2, no cancellation
+        noise = self.eta * g.sigma[t] * _sqrt(one_m)
+        # sqrt(sigma_t^2 - noise^2) = sigma_t sqrt(1 - eta^2 + eta^2 e^2): no difference of nearly equal squares
+        eps_coef = g.sigma[t] * _sqrt((1.0 - self.eta**2) + self.eta**2 * e**2)  # multiplies eps = (x - alpha_s x0)/sigma_s
         ratio = eps_coef / g.sigma[s]
         y = jnp.stack([ratio, g.alpha[t] - g.alpha[s] * ratio], axis=1)
         anchor = jnp.zeros((s.shape[0], 3), y.dtype)

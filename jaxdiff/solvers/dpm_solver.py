@@ -15,6 +15,12 @@ Third-order multistep: the reference implementations (official repo and diffuser
 D2 = (D1_0 - D1_1)/(r0 + r1), which estimates h^2 D''/2 while the phi_3 term needs h^2 D'';
 the method is then only second order. ``third_order="corrected"`` (default) doubles D2 and is
 third order; ``"reference"`` reproduces diffusers bit for bit.
+
+From pure noise (alpha = 0, h = +inf) the rows are the limits: the first step is x_1 = (sigma_1/sigma_0) x_0
++ alpha_1 D_0 with the data prediction (DPM-Solver's noise formulation has no finite step there, so its
+first evaluation stores x0: ``Coefficients.use_x0``), multistep orders restart after it (the 1/r factors
+of the infinite past step vanish), and singlestep blocks start after it (a block from lambda = -inf could
+only take one first-order step over all its intervals).
 """
 
 from __future__ import annotations

@@ -120,16 +120,16 @@ class UniPC(Solver):
         limit: -1 for bh2 in the data formulation, and infinite otherwise (those correctors are disabled).
         """
         hh = terms.hh
-        b_h = hh if self.variant == "bh1" else jnp.expm1(hh)
-        limit = -1.0 if (self.variant == "bh2" and self.prediction == "data") else 0.0
-        b_h = jnp.where(terms.finite, b_h, limit)
+        b_h = hh if self.variant == "bh1" else jnp.expm1(hh)  # with hh's finite stand-in where h is infinite
         h_phi_k = jnp.expm1(hh) / hh - 1.0
         out, factorial = [], 1
         for i in range(1, size + 1):
             out.append(h_phi_k * factorial / b_h)
             factorial *= i + 1
             h_phi_k = h_phi_k / hh - 1.0 / factorial
-        return out, b_h
+        # the b_i above only enter rows of order >= 2, never an infinite step; B(h) itself takes its limit there
+        limit = -1.0 if (self.variant == "bh2" and self.prediction == "data") else 0.0
+        return out, jnp.where(terms.finite, b_h, limit)
 
     def _update(self, g, s_idx, orders, corrector: bool):
         """Rows (ratio, lag coefficients) of the update from grid s to s+1 using evaluations up to s (+ s+1).
