@@ -8,7 +8,7 @@ finite loss (``pmin`` across devices), so every exponent is <= 0 and the weights
 product ``alpha * 0`` at the minimum is taken as 0, not NaN). If no loss is finite, every
 particle with a finite position gets weight 1 (the ensemble mean). If no particle counts
 at all, the consensus is ``fallback`` (the previous consensus inside the transforms; NaN for
-:func:`consensus_point` on its own). The mean is accumulated in float32 at least.
+`consensus_point` on its own). The mean is accumulated in float32 at least.
 """
 
 from __future__ import annotations

@@ -42,7 +42,7 @@ def message(name: str, value: Any, expected: str, hint: str = "") -> str:
 
 
 def fail(name: str, value: Any, expected: str, hint: str = "", error: type = ValueError):
-    """Raise ``error`` (ValueError unless a type is wrong) with :func:`message`."""
+    """Raise ``error`` (ValueError unless a type is wrong) with `message`."""
     raise error(message(name, value, expected, hint))
 
 
@@ -242,7 +242,7 @@ def same_structure(name: str, tree: Any, ref_name: str, ref: Any) -> None:
 
 
 def float_tree(owner: str, name: str, tree: Any) -> None:
-    """Every leaf of ``tree`` has one of :data:`SUPPORTED_DTYPES`; TypeError naming the leaf otherwise."""
+    """Every leaf of ``tree`` has one of `SUPPORTED_DTYPES`; TypeError naming the leaf otherwise."""
     for path, leaf in jax.tree_util.tree_leaves_with_path(tree):
         dtype = jnp.result_type(leaf)
         if dtype.name not in SUPPORTED_DTYPES:

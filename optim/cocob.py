@@ -45,7 +45,7 @@ from optim._lrfree import (
 
 
 class COCOBState(NamedTuple):
-    """State of :func:`cocob`: five copies of the parameters."""
+    """State of `cocob`: five copies of the parameters."""
 
     count: jax.Array  # shape=(), int32: steps taken.
     params0: Any  # w_1: the initial params.
@@ -66,10 +66,13 @@ def cocob(
 ) -> optax.GradientTransformationExtraArgs:
     r"""COCOB-Backprop, Algorithm 2 of Orabona & Tommasi (2017), per coordinate.
 
-    .. math::
+    $$
+    \begin{aligned}
         L &\leftarrow \max(L, |g|),\quad G \leftarrow G + |g|,\quad
         R \leftarrow \max(R - g\,(w - w_1), 0),\quad \theta \leftarrow \theta - g \\
         w &\leftarrow w_1 + \frac{\theta}{L \max(G + L, \alpha L)}\,(L + R)
+    \end{aligned}
+    $$
 
     Returns ``w_new - w``, so chain it **last** (clipping or decay go before it). Name, argument
     order and trajectory are ``optax.contrib.cocob``'s.
@@ -85,7 +88,7 @@ def cocob(
       axis_name: accepted for a uniform API; COCOB has no global reduction.
 
     Returns:
-      An ``optax.GradientTransformationExtraArgs`` with :class:`COCOBState`; ``update`` needs
+      An ``optax.GradientTransformationExtraArgs`` with `COCOBState`; ``update`` needs
       ``params`` (extra keyword arguments are ignored).
 
     Raises:
@@ -105,8 +108,8 @@ def cocob(
       >>> params = optax.apply_updates(params, updates)
 
     References:
-      Orabona, Tommasi, `Training Deep Networks without Learning Rates Through Coin Betting
-      <https://arxiv.org/abs/1705.07795>`_, NeurIPS 2017.
+      Orabona, Tommasi, [Training Deep Networks without Learning Rates Through Coin
+      Betting](https://arxiv.org/abs/1705.07795), NeurIPS 2017.
     """
     del axis_name  # per-coordinate: nothing to reduce
     check_mask(mask)

@@ -54,7 +54,7 @@ from optim._lrfree import (
 )
 from optim.presets import PRESETS
 
-#: Named settings for :func:`dadapt_adam` (sources in ``optim.presets``).
+#: Named settings for `dadapt_adam` (sources in ``optim.presets``).
 DADAPT_ADAM_PRESETS = PRESETS["dadapt_adam"]
 
 _D0_HINT = "It is the initial distance estimate; the reference default is 1e-6."
@@ -83,7 +83,7 @@ def _safe_div(a, b):
 
 
 class DAdaptAdamState(NamedTuple):
-    """State of :func:`dadapt_adam`. Scalars are float32 (float64 under x64)."""
+    """State of `dadapt_adam`. Scalars are float32 (float64 under x64)."""
 
     count: jax.Array  # shape=(), int32: steps taken.
     num_nonfinite: jax.Array  # shape=(), int32: steps skipped for a non-finite gradient.
@@ -110,13 +110,16 @@ def dadapt_adam(
 
     With ``dlr = d * lr * bc`` and ``b = sqrt(beta2)``:
 
-    .. math::
+    $$
+    \begin{aligned}
         n &\leftarrow b\, n + (1-b)\,\mathrm{dlr}\,\langle g, s/(\sqrt v+\epsilon)\rangle,\quad
         m \leftarrow \beta_1 m + (1-\beta_1)\,\mathrm{dlr}\, g,\quad
         v \leftarrow \beta_2 v + (1-\beta_2) g^2,\quad
         s \leftarrow b\, s + (1-b)\,\mathrm{dlr}\, g \\
         d &\leftarrow \max\bigl(d, \min(n / ((1-b)\|s\|_1),\ d\cdot\mathrm{growth})\bigr),\quad
         x \leftarrow x - m/(\sqrt v + \epsilon) - \lambda\,\mathrm{dlr}\,x\ (\text{decoupled})
+    \end{aligned}
+    $$
 
     ``n`` uses ``s`` and ``v`` from before the step; the new ``d`` takes effect next step.
 
@@ -134,7 +137,7 @@ def dadapt_adam(
       axis_name: mapped axis over which params/state are sharded (``shard_map``/``pmap``).
 
     Returns:
-      An ``optax.GradientTransformationExtraArgs`` with :class:`DAdaptAdamState`; ``update`` needs ``params``.
+      An ``optax.GradientTransformationExtraArgs`` with `DAdaptAdamState`; ``update`` needs ``params``.
 
     Raises:
       ValueError: a concrete hyperparameter out of range (NaN included), a learning-rate
@@ -155,11 +158,10 @@ def dadapt_adam(
       >>> params = optax.apply_updates(params, updates)
 
     References:
-      Defazio, Mishchenko, `Learning-Rate-Free Learning by D-Adaptation
-      <https://arxiv.org/abs/2301.07733>`_, ICML 2023.
+      Defazio, Mishchenko, [Learning-Rate-Free Learning by D-Adaptation](https://arxiv.org/abs/2301.07733), ICML 2023.
 
-    .. warning::
-      ``optax.contrib.dadapt_adamw`` is ``DADAPT_ADAM_PRESETS["optax"]``, not the reference defaults.
+    Warning:
+        ``optax.contrib.dadapt_adamw`` is ``DADAPT_ADAM_PRESETS["optax"]``, not the reference defaults.
     """
     hp_ok = _check_common(learning_rate, weight_decay, d0, growth_rate)
     (b1, b2), betas_ok = check_betas(betas)
@@ -232,7 +234,7 @@ def dadapt_adamw(
 ) -> optax.GradientTransformationExtraArgs:
     r"""D-Adapted AdamW, ``optax.contrib.dadapt_adamw``'s name, arguments and algorithm.
 
-    :func:`dadapt_adam` with ``use_bias_correction=True, decouple=True`` and ``d0=estim_lr0``:
+    `dadapt_adam` with ``use_bias_correction=True, decouple=True`` and ``d0=estim_lr0``:
     ``dlr = d * lr * sqrt(1 - beta2^{k+1}) / (1 - beta1^{k+1})`` and the decoupled decay
     ``x <- x - weight_decay * dlr * x``. Equal to optax's trajectory up to rounding (float64: 1e-13
     relative over 200 steps, ``tests/optim/test_optax_dropin.py``); ``d`` stays float32 at least.
@@ -243,10 +245,10 @@ def dadapt_adamw(
       eps: added to ``sqrt(v)``.
       estim_lr0: the initial ``d`` (the reference's ``d0``).
       weight_decay: decoupled (AdamW) decay, scaled by ``dlr``.
-      growth_rate, axis_name: as in :func:`dadapt_adam` (optax has neither).
+      growth_rate, axis_name: as in `dadapt_adam` (optax has neither).
 
     Returns:
-      An ``optax.GradientTransformationExtraArgs`` with :class:`DAdaptAdamState`.
+      An ``optax.GradientTransformationExtraArgs`` with `DAdaptAdamState`.
 
     Raises:
       ValueError: a concrete hyperparameter out of range (NaN included), a learning-rate
@@ -260,8 +262,7 @@ def dadapt_adamw(
       >>> updates, state = tx.update(2 * params, tx.init(params), params)
 
     References:
-      Defazio, Mishchenko, `Learning-Rate-Free Learning by D-Adaptation
-      <https://arxiv.org/abs/2301.07733>`_, ICML 2023.
+      Defazio, Mishchenko, [Learning-Rate-Free Learning by D-Adaptation](https://arxiv.org/abs/2301.07733), ICML 2023.
     """
     return dadapt_adam(learning_rate, betas, eps, weight_decay, decouple=True, use_bias_correction=True, d0=estim_lr0,
                        growth_rate=growth_rate, axis_name=axis_name)
@@ -271,7 +272,7 @@ def dadapt_adamw(
 
 
 class DAdaptLionState(NamedTuple):
-    """State of :func:`dadapt_lion`. Scalars are float32 (float64 under x64)."""
+    """State of `dadapt_lion`. Scalars are float32 (float64 under x64)."""
 
     count: jax.Array  # shape=(), int32: steps taken.
     num_nonfinite: jax.Array  # shape=(), int32: steps skipped for a non-finite gradient.
@@ -293,13 +294,16 @@ def dadapt_lion(
 
     With ``dlr = d * lr`` and ``b = sqrt(beta2)``:
 
-    .. math::
+    $$
+    \begin{aligned}
         u &= \mathrm{sign}(\beta_1 m + (1-\beta_1) g),\quad
         x \leftarrow x(1 - \mathrm{dlr}\,\lambda) - \mathrm{dlr}\, u,\quad
         m \leftarrow \beta_2 m + (1-\beta_2)\,\mathrm{dlr}\, g \\
         n &\leftarrow b\,n + (1-b)\,\mathrm{dlr}\langle u, s\rangle,\quad
         s \leftarrow b\,s + (1-b)\,\mathrm{dlr}\, u,\quad
         d \leftarrow \max(d, n/((1-b)\|s\|_1))
+    \end{aligned}
+    $$
 
     As in the reference, ``m`` accumulates ``dlr * g`` while ``u`` mixes it with the raw
     ``g`` (users report it learns poorly: dadaptation#35); there is no ``growth_rate``.
@@ -312,7 +316,7 @@ def dadapt_lion(
       axis_name: mapped axis over which params/state are sharded (``shard_map``/``pmap``).
 
     Returns:
-      An ``optax.GradientTransformationExtraArgs`` with :class:`DAdaptLionState`; ``update`` needs ``params``.
+      An ``optax.GradientTransformationExtraArgs`` with `DAdaptLionState`; ``update`` needs ``params``.
 
     Raises:
       ValueError: a concrete hyperparameter out of range (NaN included), a learning-rate
@@ -332,9 +336,8 @@ def dadapt_lion(
       >>> updates, state = tx.update(2 * params, tx.init(params), params)
 
     References:
-      Defazio, Mishchenko, `Learning-Rate-Free Learning by D-Adaptation
-      <https://arxiv.org/abs/2301.07733>`_, ICML 2023; Chen et al., `Symbolic Discovery of
-      Optimization Algorithms <https://arxiv.org/abs/2302.06675>`_, 2023.
+      Defazio, Mishchenko, [Learning-Rate-Free Learning by D-Adaptation](https://arxiv.org/abs/2301.07733), ICML
+      2023; Chen et al., [Symbolic Discovery of Optimization Algorithms](https://arxiv.org/abs/2302.06675), 2023.
     """
     hp_ok = _check_common(learning_rate, weight_decay, d0)
     (b1, b2), betas_ok = check_betas(betas)

@@ -35,7 +35,7 @@ from optim._lrfree import (
 from optim.dadapt import _check_common, _grow, _safe_div
 from optim.presets import PRESETS
 
-#: Named settings for :func:`dadapt_sgd` (sources in ``optim.presets``).
+#: Named settings for `dadapt_sgd` (sources in ``optim.presets``).
 DADAPT_SGD_PRESETS = PRESETS["dadapt_sgd"]
 
 
@@ -48,7 +48,7 @@ def _check_momentum(momentum):
 
 
 class DAdaptSGDState(NamedTuple):
-    """State of :func:`dadapt_sgd`. Scalars are float32 (float64 under x64)."""
+    """State of `dadapt_sgd`. Scalars are float32 (float64 under x64)."""
 
     count: jax.Array  # shape=(), int32: steps taken.
     num_nonfinite: jax.Array  # shape=(), int32: steps skipped for a non-finite gradient.
@@ -72,10 +72,11 @@ def dadapt_sgd(
 
     With ``dlr = d * lr / ||g_0||``:
 
-    .. math::
+    $$
         n \leftarrow n + \mathrm{dlr}\,\langle g, s\rangle,\quad s \leftarrow s + \mathrm{dlr}\, g,\quad
         d \leftarrow \max\bigl(d, \min(2n/\|s\|_2,\ d\cdot\mathrm{growth})\bigr),\quad
         x \leftarrow \mu x + (1-\mu)(x_0 - s)
+    $$
 
     Args:
       learning_rate: multiplier on ``d`` (float or schedule of the step count); use 1.0.
@@ -88,7 +89,7 @@ def dadapt_sgd(
       axis_name: mapped axis over which params/state are sharded (``shard_map``/``pmap``).
 
     Returns:
-      An ``optax.GradientTransformationExtraArgs`` with :class:`DAdaptSGDState`; ``update`` needs ``params``.
+      An ``optax.GradientTransformationExtraArgs`` with `DAdaptSGDState`; ``update`` needs ``params``.
 
     Raises:
       ValueError: a concrete hyperparameter out of range (NaN included), a learning-rate
@@ -108,8 +109,7 @@ def dadapt_sgd(
       >>> updates, state = tx.update(2 * params, tx.init(params), params)
 
     References:
-      Defazio, Mishchenko, `Learning-Rate-Free Learning by D-Adaptation
-      <https://arxiv.org/abs/2301.07733>`_, ICML 2023.
+      Defazio, Mishchenko, [Learning-Rate-Free Learning by D-Adaptation](https://arxiv.org/abs/2301.07733), ICML 2023.
     """
     hp_ok = V.all_of(_check_common(learning_rate, weight_decay, d0, growth_rate), _check_momentum(momentum))
     coupled = not is_static_zero(weight_decay)
@@ -161,7 +161,7 @@ _ALPHA0 = 1e-6  # the reference's initial AdaGrad accumulator (fixed, independen
 
 
 class DAdaptAdaGradState(NamedTuple):
-    """State of :func:`dadapt_adagrad`. Scalars are float32 (float64 under x64)."""
+    """State of `dadapt_adagrad`. Scalars are float32 (float64 under x64)."""
 
     count: jax.Array  # shape=(), int32: steps taken.
     num_nonfinite: jax.Array  # shape=(), int32: steps skipped for a non-finite gradient.
@@ -186,16 +186,17 @@ def dadapt_adagrad(
 
     With ``dlr = d * lr`` and ``a = sqrt(alpha) + eps``:
 
-    .. math::
+    $$
         \alpha \leftarrow \alpha + g^2,\quad s \leftarrow s + \mathrm{dlr}\,g,\quad
         \gamma \leftarrow \gamma + \mathrm{dlr}^2 \textstyle\sum g^2/a,\quad
         \hat d = \bigl(\textstyle\sum s^2/a - \gamma\bigr)/\|s\|_1,\quad
         x \leftarrow \mu x + (1-\mu)(x_0 - s/a)
+    $$
 
     and ``d <- max(d, min(d_hat, d * growth))``. The reference keeps ``sum s^2/a`` and
     ``||s||_1`` as running sums of per-step changes; they telescope to the values computed
     here directly (one fewer pass over the state). The reference README notes that it
-    adapts slowly and recommends :func:`dadapt_adam`.
+    adapts slowly and recommends `dadapt_adam`.
 
     Args:
       learning_rate: multiplier on ``d`` (float or schedule); use 1.0.
@@ -207,7 +208,7 @@ def dadapt_adagrad(
       axis_name: mapped axis over which params/state are sharded (``shard_map``/``pmap``).
 
     Returns:
-      An ``optax.GradientTransformationExtraArgs`` with :class:`DAdaptAdaGradState`; ``update`` needs ``params``.
+      An ``optax.GradientTransformationExtraArgs`` with `DAdaptAdaGradState`; ``update`` needs ``params``.
 
     Raises:
       ValueError: a concrete hyperparameter out of range (NaN included), a learning-rate
@@ -227,8 +228,7 @@ def dadapt_adagrad(
       >>> updates, state = tx.update(2 * params, tx.init(params), params)
 
     References:
-      Defazio, Mishchenko, `Learning-Rate-Free Learning by D-Adaptation
-      <https://arxiv.org/abs/2301.07733>`_, ICML 2023.
+      Defazio, Mishchenko, [Learning-Rate-Free Learning by D-Adaptation](https://arxiv.org/abs/2301.07733), ICML 2023.
     """
     hp_ok = V.all_of(_check_common(learning_rate, weight_decay, d0, growth_rate), _check_momentum(momentum),
                      V.positive("eps", eps, "The reference default is 1e-6."))

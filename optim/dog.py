@@ -10,7 +10,7 @@ distance travelled from the start divided by an accumulated gradient norm:
   ``eta_t = lr * rbar_t^2 / (sqrt(v_t) + eps)``.
 
 The DoG authors insist that DoG/LDoG be combined with iterate averaging; chain
-:func:`polynomial_decay_averaging` last and evaluate at :func:`averaged_params`.
+`polynomial_decay_averaging` last and evaluate at `averaged_params`.
 
 Non-finite gradients: a step whose gradient has a NaN/Inf entry, or an entry whose square
 overflows the state dtype (``|g| > 1.8e19`` for float32; ``G`` would absorb it and every later
@@ -54,7 +54,7 @@ from optim._lrfree import (
     schedule_step,
 )
 
-#: Named settings for :func:`dog`, :func:`ldog` and :func:`dowg` (sources in ``optim.presets``):
+#: Named settings for `dog`, `ldog` and `dowg` (sources in ``optim.presets``):
 #: ``"paper"`` (``reps_rel=1e-6``), ``"batchnorm"`` (DoG, LDoG: ``reps_rel=1e-4``), ``"optax"`` (DoWG:
 #: optax.contrib's ``eps=1e-4``, also its initial squared distance) and ``"calibrated"``.
 DOG_PRESETS = PRESETS["dog"]
@@ -81,7 +81,7 @@ def _init_step(init_step, reps_rel: float) -> tuple[float, float | None, float |
 
 
 class DoGState(NamedTuple):
-    """State of :func:`dog`, :func:`ldog` and :func:`dowg`."""
+    """State of `dog`, `ldog` and `dowg`."""
 
     count: jax.Array  # shape=(), int32: steps applied.
     num_nonfinite: jax.Array  # shape=(), int32: steps skipped for a non-finite gradient.
@@ -202,10 +202,11 @@ def dog(
 ) -> optax.GradientTransformationExtraArgs:
     r"""DoG: SGD with the distance-over-gradients step size (Ivgi et al., 2023).
 
-    .. math::
+    $$
         \bar r_t = \max(\bar r_{t-1}, \|x_t - x_0\|),\quad \bar r_{-1} = r_\epsilon (1 + \|x_0\|),\quad
         G_t = \epsilon + \sum_{i \le t} \|g_i\|^2,\quad
         x_{t+1} = x_t - c\,\frac{\bar r_t}{\sqrt{G_t}}\, g_t
+    $$
 
     One global ``rbar``/``G`` over the whole pytree, exactly as ``dog.DoG`` of the
     ``dog-optimizer`` package (one parameter group) and ``optax.contrib.dog`` (same name, argument
@@ -222,13 +223,13 @@ def dog(
       mask: the leaves that get weight decay, as in ``optax.add_decayed_weights``: a tree of bools
         shaped like the params, or a callable ``params -> tree``; None decays every leaf.
       reps_rel: relative initial distance ``r_eps``: the first step is
-        ``reps_rel * (1 + ||x_0||) / sqrt(||g_0||^2 + eps)``. See :data:`DOG_PRESETS`.
+        ``reps_rel * (1 + ||x_0||) / sqrt(||g_0||^2 + eps)``. See `DOG_PRESETS`.
       init_eta: if set, the first step size, overriding ``reps_rel`` (``rbar`` then starts at 0).
       axis_name: mapped axis over which parameters/states are sharded under ``shard_map`` or
         ``pmap``; the norms are then summed over it so every device sees the global step size.
 
     Returns:
-      An ``optax.GradientTransformationExtraArgs`` with :class:`DoGState`; ``update`` needs
+      An ``optax.GradientTransformationExtraArgs`` with `DoGState`; ``update`` needs
       ``params`` (extra keyword arguments, such as optax's ``value=``, are ignored).
 
     Raises:
@@ -252,8 +253,8 @@ def dog(
       >>> x_eval = optim.averaged_params(state)
 
     References:
-      Ivgi, Hinder, Carmon, `DoG is SGD's Best Friend: A Parameter-Free Dynamic Step Size
-      Schedule <https://arxiv.org/abs/2302.12022>`_, ICML 2023.
+      Ivgi, Hinder, Carmon, [DoG is SGD's Best Friend: A Parameter-Free Dynamic Step Size
+      Schedule](https://arxiv.org/abs/2302.12022), ICML 2023.
     """
     reps_rel, init_distance, step_eta = _init_step(init_step, reps_rel)
     return _build(
@@ -274,14 +275,15 @@ def ldog(
     init_eta: float | None = None,
     axis_name: _tree.AxisName = None,
 ) -> optax.GradientTransformationExtraArgs:
-    r"""Layer-wise DoG: the :func:`dog` rule with one ``rbar``/``G`` per pytree leaf.
+    r"""Layer-wise DoG: the `dog` rule with one ``rbar``/``G`` per pytree leaf.
 
-    .. math::
+    $$
         \eta^{(l)}_t = c\,\frac{\max_{i \le t}\|x^{(l)}_i - x^{(l)}_0\| \vee r_\epsilon(1+\|x^{(l)}_0\|)}
         {\sqrt{\epsilon + \sum_{i \le t}\|g^{(l)}_i\|^2}}
+    $$
 
     As ``dog.LDoG``; a scalar (shape ``()``) leaf keeps its shape (unlike
-    ``optax.scale_by_distance_over_gradients``). Arguments (and their order) as in :func:`dog`; with
+    ``optax.scale_by_distance_over_gradients``). Arguments (and their order) as in `dog`; with
     ``axis_name`` each leaf's norms are summed over the shards of that leaf. A tensor whose
     gradient has a NaN/Inf entry is skipped alone (zero update, ``rbar``/``G`` kept); see the
     module docstring.
@@ -304,7 +306,7 @@ def ldog(
       >>> updates, state = tx.update(params, tx.init(params), params)
 
     References:
-      Ivgi, Hinder, Carmon, `DoG is SGD's Best Friend <https://arxiv.org/abs/2302.12022>`_, 2023.
+      Ivgi, Hinder, Carmon, [DoG is SGD's Best Friend](https://arxiv.org/abs/2302.12022), 2023.
     """
     reps_rel, init_distance, step_eta = _init_step(init_step, reps_rel)
     return _build(
@@ -326,10 +328,11 @@ def dowg(
 ) -> optax.GradientTransformationExtraArgs:
     r"""DoWG: distance over *weighted* gradients (Khaled, Mishchenko, Jin, 2023, Algorithm 1).
 
-    .. math::
+    $$
         \bar r_t = \max(\bar r_{t-1}, \|x_t - x_0\|),\quad
         v_t = v_{t-1} + \bar r_t^2 \|g_t\|^2,\quad
         x_{t+1} = x_t - c\,\frac{\bar r_t^2}{\sqrt{v_t} + \epsilon}\, g_t
+    $$
 
     with ``v_{-1} = 0`` and ``rbar_{-1} = r_eps``. The paper leaves ``r_eps`` to the user;
     by default it is DoG's ``reps_rel * (1 + ||x_0||)``, or ``sqrt(init_estim_sq_dist)`` when given.
@@ -341,12 +344,12 @@ def dowg(
       init_estim_sq_dist: the initial squared distance ``r_eps^2``; overrides ``reps_rel``.
       eps: added to ``sqrt(v_t)`` (the paper has none; it only guards a zero gradient).
       weight_decay: coupled L2 decay added to the gradient (None or 0: none).
-      mask: the leaves that get weight decay (see :func:`dog`).
+      mask: the leaves that get weight decay (see `dog`).
       reps_rel: relative initial distance, used when ``init_estim_sq_dist`` is None.
       axis_name: mapped axis for exact global norms under ``shard_map``/``pmap``.
 
     Returns:
-      An ``optax.GradientTransformationExtraArgs`` with :class:`DoGState` (``grad_sum`` holds ``v_t``).
+      An ``optax.GradientTransformationExtraArgs`` with `DoGState` (``grad_sum`` holds ``v_t``).
 
     Raises:
       ValueError: a concrete hyperparameter out of range (NaN included), a learning-rate
@@ -366,8 +369,8 @@ def dowg(
       >>> updates, state = tx.update(2 * params, tx.init(params), params)
 
     References:
-      Khaled, Mishchenko, Jin, `DoWG Unleashed: An Efficient Universal Parameter-Free
-      Gradient Descent Method <https://arxiv.org/abs/2305.16284>`_, NeurIPS 2023.
+      Khaled, Mishchenko, Jin, [DoWG Unleashed: An Efficient Universal Parameter-Free Gradient Descent
+      Method](https://arxiv.org/abs/2305.16284), NeurIPS 2023.
     """
     return _build(
         "dowg", reps_rel=reps_rel, learning_rate=learning_rate, weight_decay=weight_decay, eps=eps,
@@ -376,7 +379,7 @@ def dowg(
 
 
 class PolynomialDecayAveragingState(NamedTuple):
-    """State of :func:`polynomial_decay_averaging`."""
+    """State of `polynomial_decay_averaging`."""
 
     count: jax.Array  # shape=(), int32: the averager's t, starting at 1.
     averaged_params: Any  # xbar_t: same tree and shapes as params, float32 at least.
@@ -385,20 +388,21 @@ class PolynomialDecayAveragingState(NamedTuple):
 def polynomial_decay_averaging(gamma: float = 8.0) -> optax.GradientTransformationExtraArgs:
     r"""Polynomial-decay iterate averaging (Shamir & Zhang, 2013), as recommended for DoG.
 
-    .. math::
+    $$
         \bar x_t = \Bigl(1 - \frac{\gamma + 1}{t + \gamma}\Bigr)\bar x_{t-1}
                    + \frac{\gamma + 1}{t + \gamma}\, x_t,\qquad t = 1, 2, \ldots
+    $$
 
     where ``x_t = params + updates`` is the iterate after step ``t`` (so ``xbar_1 = x_1``),
     matching ``dog.PolynomialDecayAverager`` stepped after each optimizer step. The updates
     pass through unchanged: chain it **last**, after the optimizer, and read the average
-    with :func:`averaged_params`. Costs one copy of the parameters.
+    with `averaged_params`. Costs one copy of the parameters.
 
     Args:
       gamma: decay power; ``gamma=0`` is the uniform average, larger forgets faster.
 
     Returns:
-      An ``optax.GradientTransformationExtraArgs`` with :class:`PolynomialDecayAveragingState`.
+      An ``optax.GradientTransformationExtraArgs`` with `PolynomialDecayAveragingState`.
 
     Example:
       >>> import jax.numpy as jnp, optax, optim
@@ -408,8 +412,8 @@ def polynomial_decay_averaging(gamma: float = 8.0) -> optax.GradientTransformati
       >>> xbar = optim.averaged_params(state)
 
     References:
-      Shamir, Zhang, `Stochastic Gradient Descent for Non-smooth Optimization: Convergence
-      Results and Optimal Averaging Schemes <https://arxiv.org/abs/1212.1824>`_, ICML 2013.
+      Shamir, Zhang, [Stochastic Gradient Descent for Non-smooth Optimization: Convergence Results and Optimal
+      Averaging Schemes](https://arxiv.org/abs/1212.1824), ICML 2013.
     """
     V.nonnegative("gamma", gamma, "The DoG authors use 8.")
 
@@ -435,7 +439,7 @@ def averaged_params(state: Any) -> Any:
     """The polynomial-decay average held anywhere inside ``state`` (e.g. an ``optax.chain`` state).
 
     Raises:
-      ValueError: if ``state`` holds no, or more than one, :func:`polynomial_decay_averaging` state.
+      ValueError: if ``state`` holds no, or more than one, `polynomial_decay_averaging` state.
     """
     return V.find_state(state, PolynomialDecayAveragingState,
                         "`state` holds {found} polynomial_decay_averaging states; expected exactly one. "

@@ -33,7 +33,7 @@ from optim.presets import PRESETS
 
 _M_INIT = 1e-6  # mechanic-pytorch's initial max_product: makes s > 0 after the first step
 
-#: Named settings for :func:`mechanize` (sources in ``optim.presets``): ``"paper"`` (mechanic-pytorch,
+#: Named settings for `mechanize` (sources in ``optim.presets``): ``"paper"`` (mechanic-pytorch,
 #: ``s_init=1e-8``), ``"optax"`` (optax.contrib's ``s_init=1e-6``; its clamping of ``h`` is not reproduced)
 #: and ``"calibrated"``.
 MECHANIC_PRESETS = PRESETS["mechanize"]
@@ -41,7 +41,7 @@ MECHANIC_PRESETS = PRESETS["mechanize"]
 
 
 class MechanicState(NamedTuple):
-    """State of :func:`mechanize`. The tuner's vectors are float32 (float64 under x64)."""
+    """State of `mechanize`. The tuner's vectors are float32 (float64 under x64)."""
 
     count: jax.Array  # shape=(), int32: steps taken.
     num_nonfinite: jax.Array  # shape=(), int32: steps skipped for a non-finite gradient.
@@ -67,12 +67,15 @@ def mechanize(
 
     With ``u_t`` the base update, ``S = sum(s)``, ``Delta_t = (x_t - x_ref) / (S + eps)``:
 
-    .. math::
+    $$
+    \begin{aligned}
         h &= \bigl\langle \Delta_t,\ g_t + \lambda\, S\, \|g_t\| \, x_t / (\|x_t\| + \epsilon)\bigr\rangle,\quad
         m \leftarrow \max(\beta m, |h|),\quad v \leftarrow \beta^2 v + h^2 \\
         r &\leftarrow \max(0, \beta r - s\, h),\quad
         s \leftarrow \frac{s_\mathrm{init}\, m / n + r}{\sqrt v + \epsilon},\quad
         x_{t+1} = x_\mathrm{ref} + \textstyle\sum s\,(\Delta_t + u_t)
+    \end{aligned}
+    $$
 
     per beta (vectors of length ``n``). Returns ``x_{t+1} - x_t``, so chain it **last**
     (anything after it would corrupt the target); give the base its schedule with peak 1.
@@ -92,7 +95,7 @@ def mechanize(
         the three global sums behind ``h`` are then ``psum``-ed.
 
     Returns:
-      An ``optax.GradientTransformationExtraArgs`` with :class:`MechanicState`; ``update``
+      An ``optax.GradientTransformationExtraArgs`` with `MechanicState`; ``update``
       needs ``params`` and forwards extra arguments to ``base_optimizer``.
 
     Raises:
@@ -115,8 +118,7 @@ def mechanize(
       >>> params = optax.apply_updates(params, updates)
 
     References:
-      Cutkosky, Defazio, Mehta, `Mechanic: A Learning Rate Tuner
-      <https://arxiv.org/abs/2306.00144>`_, NeurIPS 2023.
+      Cutkosky, Defazio, Mehta, [Mechanic: A Learning Rate Tuner](https://arxiv.org/abs/2306.00144), NeurIPS 2023.
     """
     base = base_optimizer
     if not hasattr(base, "init") or not hasattr(base, "update"):

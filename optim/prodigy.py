@@ -50,13 +50,13 @@ from optim._lrfree import (
     schedule_step,
 )
 
-#: Named settings for :func:`prodigy` (sources in ``optim.presets``): ``"paper"`` (the prodigyopt
+#: Named settings for `prodigy` (sources in ``optim.presets``): ``"paper"`` (the prodigyopt
 #: 1.1.2 defaults), ``"diffusion"``, ``"optax"`` (bias correction on, as optax.contrib) and ``"calibrated"``.
 PRODIGY_PRESETS = PRESETS["prodigy"]
 
 
 class ProdigyState(NamedTuple):
-    """State of :func:`prodigy`. Scalars are float32 (float64 under x64) whatever the params."""
+    """State of `prodigy`. Scalars are float32 (float64 under x64) whatever the params."""
 
     count: jax.Array  # shape=(), int32: steps taken (the schedule's and bias correction's k).
     num_nonfinite: jax.Array  # shape=(), int32: steps skipped for a non-finite gradient.
@@ -92,7 +92,8 @@ def prodigy(
     With ``dlr = d * lr * bc`` (``bc = sqrt(1 - b2^{k+1}) / (1 - b1^{k+1})`` if
     ``use_bias_correction`` else 1):
 
-    .. math::
+    $$
+    \begin{aligned}
         r &\leftarrow \beta_3 r + \tfrac{d}{d_0}\,\mathrm{dlr}\,\langle g, x_0 - x\rangle,\quad
         s \leftarrow \beta_3 s + \tfrac{d}{d_0}\,\mathrm{dlr}\,g,\quad
         \hat d = d_\mathrm{coef}\, r / \|s\|_1 \\
@@ -101,6 +102,8 @@ def prodigy(
         m &\leftarrow \beta_1 m + (1-\beta_1) d\, g,\quad
         v \leftarrow \beta_2 v + (1-\beta_2) d^2 g^2,\quad
         x \leftarrow x - \mathrm{dlr}\, m / (\sqrt v + d\,\epsilon) - \lambda\,\mathrm{dlr}\, x
+    \end{aligned}
+    $$
 
     Returns signed updates (add them with ``optax.apply_updates``). ``d`` is one scalar for
     the whole pytree, as in PyTorch with one parameter group; wrap it in
@@ -135,7 +138,7 @@ def prodigy(
         ``pmap``); the two global sums are then ``psum``-ed so ``d`` is exact.
 
     Returns:
-      An ``optax.GradientTransformationExtraArgs`` with :class:`ProdigyState`; ``update`` needs
+      An ``optax.GradientTransformationExtraArgs`` with `ProdigyState`; ``update`` needs
       ``params`` (extra keyword arguments are ignored).
 
     Raises:
@@ -159,12 +162,12 @@ def prodigy(
       >>> params = optax.apply_updates(params, updates)
 
     References:
-      Mishchenko, Defazio, `Prodigy: An Expeditiously Adaptive Parameter-Free Learner
-      <https://arxiv.org/abs/2306.06101>`_, ICML 2024.
+      Mishchenko, Defazio, [Prodigy: An Expeditiously Adaptive Parameter-Free
+      Learner](https://arxiv.org/abs/2306.06101), ICML 2024.
 
-    .. warning::
-      ``optax.contrib.prodigy`` always uses bias correction; for its behaviour pass
-      ``**PRODIGY_PRESETS["optax"]``.
+    Warning:
+        ``optax.contrib.prodigy`` always uses bias correction; for its behaviour pass
+        ``**PRODIGY_PRESETS["optax"]``.
     """
     d0 = optax_alias("d0", d0, 1e-6, "estim_lr0", estim_lr0)
     d_coef = optax_alias("d_coef", d_coef, 1.0, "estim_lr_coef", estim_lr_coef)

@@ -4,10 +4,11 @@ Schedule-free methods (Defazio et al., 2024) replace the learning-rate schedule 
 average. Three sequences: ``z`` takes the base steps, ``x`` is a weighted average of the
 ``z``'s, and the gradient is taken at their interpolation ``y``:
 
-.. math::
+$$
     y_t = (1 - \\beta) z_t + \\beta x_t,\\qquad z_{t+1} = z_t - \\gamma_t \\hat g(y_t),\\qquad
     x_{t+1} = (1 - c_{t+1}) x_t + c_{t+1} z_{t+1},\\qquad
     c_{t+1} = \\frac{w_t}{\\sum_{i \\le t} w_i},\\quad w_t = (t+1)^r \\, (\\max_{i \\le t} \\gamma_i)^{p}
+$$
 
 with ``p = weight_lr_power`` and a linear warmup ``gamma_t = lr (t+1) / warmup_steps`` for
 ``t < warmup_steps``; ``t`` counts from 0 and one counter drives both the step size and
@@ -233,10 +234,11 @@ def schedule_free_sgd(
 ) -> optax.GradientTransformationExtraArgs:
     r"""Schedule-free SGD (``schedulefree.SGDScheduleFree``).
 
-    .. math::
+    $$
         \hat g = g(y_t) + \lambda y_t,\qquad
         y_{t+1} = y_t + c_{t+1}(z_t - y_t) + \gamma_t(\beta(1 - c_{t+1}) - 1)\hat g,\qquad
         z_{t+1} = z_t - \gamma_t \hat g
+    $$
 
     The argument order is ``optax.contrib.schedule_free_sgd``'s (see the module docstring for the
     warmup step where optax differs); ``r`` and the skip options are keyword-only.
@@ -261,8 +263,8 @@ def schedule_free_sgd(
       axis_name: mapped axis for the (only) global reduction, the non-finite check.
 
     Returns:
-      An ``optax.GradientTransformationExtraArgs`` with :class:`ScheduleFreeState`. The params passed
-      to ``update`` are ``y``; evaluate at :func:`schedule_free_eval_params`.
+      An ``optax.GradientTransformationExtraArgs`` with `ScheduleFreeState`. The params passed
+      to ``update`` are ``y``; evaluate at `schedule_free_eval_params`.
 
     Raises:
       ValueError: a concrete hyperparameter out of range (NaN included), a learning-rate
@@ -285,8 +287,8 @@ def schedule_free_sgd(
       >>> x = optim.schedule_free_eval_params(state, y)
 
     References:
-      Defazio, Yang, Mehta, Mishchenko, Khaled, Cutkosky, `The Road Less Scheduled
-      <https://arxiv.org/abs/2405.15682>`_, NeurIPS 2024.
+      Defazio, Yang, Mehta, Mishchenko, Khaled, Cutkosky, [The Road Less
+      Scheduled](https://arxiv.org/abs/2405.15682), NeurIPS 2024.
     """
     warmup_steps = 0 if warmup_steps is None else warmup_steps  # optax.contrib's "no warmup"
     weight_decay = 0.0 if weight_decay is None else weight_decay
@@ -323,26 +325,27 @@ def schedule_free_adamw(
 ) -> optax.GradientTransformationExtraArgs:
     r"""Schedule-free AdamW (``schedulefree.AdamWScheduleFree``).
 
-    .. math::
+    $$
         v_t = \beta_2 v_{t-1} + (1 - \beta_2) g^2,\qquad
         \hat g = \frac{g}{\sqrt{v_t / (1 - \beta_2^{t+1})} + \epsilon} + \lambda y_t
+    $$
 
-    then the schedule-free ``y``/``z`` steps of :func:`schedule_free_sgd` with ``hat g``. No
-    first moment: ``b1`` is the interpolation. See :data:`SCHEDULE_FREE_ADAMW_PRESETS` for
+    then the schedule-free ``y``/``z`` steps of `schedule_free_sgd` with ``hat g``. No
+    first moment: ``b1`` is the interpolation. See `SCHEDULE_FREE_ADAMW_PRESETS` for
     the reference defaults, the AlgoPerf and our calibration. The argument order is
     ``optax.contrib.schedule_free_adamw``'s; ``r`` and the skip options are keyword-only.
 
     Args:
       learning_rate: ``lr`` (float or schedule); the reference advises 1-10x AdamW's.
-      warmup_steps: as in :func:`schedule_free_sgd`.
+      warmup_steps: as in `schedule_free_sgd`.
       b1: interpolation ``beta`` in (0, 1).
       b2: second-moment decay in (0, 1).
       eps: added outside the square root.
       weight_decay: decay evaluated at ``y``, added to the normalised gradient.
-      weight_lr_power, state_dtype, r, skip_nonfinite, axis_name: as in :func:`schedule_free_sgd`.
+      weight_lr_power, state_dtype, r, skip_nonfinite, axis_name: as in `schedule_free_sgd`.
 
     Returns:
-      An ``optax.GradientTransformationExtraArgs`` with :class:`ScheduleFreeState` (``inner`` = ``v``).
+      An ``optax.GradientTransformationExtraArgs`` with `ScheduleFreeState` (``inner`` = ``v``).
 
     Raises:
       ValueError: a concrete hyperparameter out of range (NaN included), a learning-rate
@@ -362,7 +365,7 @@ def schedule_free_adamw(
       >>> updates, state = tx.update(2 * y, tx.init(y), y)
 
     References:
-      Defazio et al., `The Road Less Scheduled <https://arxiv.org/abs/2405.15682>`_, NeurIPS 2024.
+      Defazio et al., [The Road Less Scheduled](https://arxiv.org/abs/2405.15682), NeurIPS 2024.
     """
     warmup_steps = 0 if warmup_steps is None else warmup_steps
     hp_ok = V.all_of(_check_common(learning_rate, b1, weight_decay, r, weight_lr_power, state_dtype),
@@ -404,12 +407,12 @@ def schedule_free_radam(
     with ``rect = 1`` otherwise.
 
     Args:
-      learning_rate, b1, b2, eps, weight_decay, weight_lr_power, state_dtype, r, skip_nonfinite,
-        axis_name: as in :func:`schedule_free_adamw` (in that order, without ``warmup_steps``).
+      learning_rate, b1, b2, eps, weight_decay, weight_lr_power, state_dtype, r, skip_nonfinite, axis_name: as
+        in `schedule_free_adamw` (in that order, without ``warmup_steps``).
       silent_sgd_phase: skip the early SGD phase (the reference default and recommendation).
 
     Returns:
-      An ``optax.GradientTransformationExtraArgs`` with :class:`ScheduleFreeState` (``inner`` = ``v``).
+      An ``optax.GradientTransformationExtraArgs`` with `ScheduleFreeState` (``inner`` = ``v``).
 
     Raises:
       ValueError: a concrete hyperparameter out of range (NaN included), a learning-rate
@@ -429,9 +432,9 @@ def schedule_free_radam(
       >>> updates, state = tx.update(2 * y, tx.init(y), y)  # silent phase: updates are 0
 
     References:
-      Defazio et al., `The Road Less Scheduled <https://arxiv.org/abs/2405.15682>`_, 2024;
-      Liu et al., `On the Variance of the Adaptive Learning Rate and Beyond
-      <https://arxiv.org/abs/1908.03265>`_, ICLR 2020.
+      Defazio et al., [The Road Less Scheduled](https://arxiv.org/abs/2405.15682), 2024;
+      Liu et al., [On the Variance of the Adaptive Learning Rate and Beyond](https://arxiv.org/abs/1908.03265),
+      ICLR 2020.
     """
     hp_ok = V.all_of(_check_common(learning_rate, b1, weight_decay, r, weight_lr_power, state_dtype),
                      _check_adam(b2, eps))

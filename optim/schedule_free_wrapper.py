@@ -58,12 +58,12 @@ def schedule_free(
         used only for the averaging weight ``(max lr)^weight_lr_power`` and the decay at ``y``;
         the reference reads it from the base's param group. A constant cancels out of ``c``.
       b1: interpolation ``beta`` in (0, 1) (``momentum`` in the reference).
-      weight_lr_power, state_dtype: as in :func:`optim.schedule_free_sgd`.
+      weight_lr_power, state_dtype: as in `optim.schedule_free_sgd`.
       weight_decay_at_y: decay evaluated at ``y``.
-      r, skip_nonfinite, axis_name: as in :func:`optim.schedule_free_sgd`.
+      r, skip_nonfinite, axis_name: as in `optim.schedule_free_sgd`.
 
     Returns:
-      An ``optax.GradientTransformationExtraArgs`` with :class:`ScheduleFreeState` (``inner`` = base state).
+      An ``optax.GradientTransformationExtraArgs`` with `ScheduleFreeState` (``inner`` = base state).
 
     Raises:
       ValueError: a concrete hyperparameter out of range (NaN included), a learning-rate
@@ -84,7 +84,7 @@ def schedule_free(
       >>> x = optim.schedule_free_eval_params(state, optax.apply_updates(y, updates))
 
     References:
-      Defazio et al., `The Road Less Scheduled <https://arxiv.org/abs/2405.15682>`_, NeurIPS 2024.
+      Defazio et al., [The Road Less Scheduled](https://arxiv.org/abs/2405.15682), NeurIPS 2024.
     """
     base = base_optimizer
     if not hasattr(base, "init") or not hasattr(base, "update"):
