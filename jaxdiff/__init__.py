@@ -11,9 +11,10 @@ from jaxdiff import hub, nets
 from jaxdiff import metrics, pretrained
 from jaxdiff.hub import load_diffusers, save_diffusers
 from jaxdiff.adjoint import AdjointDPM, Backprop
+from jaxdiff.brownian import BrownianNoise
 from jaxdiff._checks import check_grid
 from jaxdiff.models import CFG, PREDICTIONS, Denoiser, DynamicThreshold
-from jaxdiff.sample import integrate, nfe, sample
+from jaxdiff.sample import integrate, invert, nfe, sample
 from jaxdiff.schedules import EDM, VE, RectifiedFlow, Schedule, VPCosine, VPDiscrete, VPLinear
 from jaxdiff.solvers import (
     DDIM,
@@ -24,6 +25,12 @@ from jaxdiff.solvers import (
     DPMSolver,
     DPMSolverPP,
     DPMSolverPPSDE,
+    DPMSolverSDE,
+    DPMSolver2Ancestral,
+    DPMSolverPP2SAncestral,
+    DPMSolverPPSDESinglestep,
+    EDMStochastic,
+    EulerAncestral,
     DPMSolverV3,
     EMS,
     Euler,

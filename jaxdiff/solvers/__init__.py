@@ -5,7 +5,9 @@ from jaxdiff.solvers.ddim import DDIM, DDPM, Euler
 from jaxdiff.solvers.deis import DEIS
 from jaxdiff.solvers.dpm_solver import DPMSolver, DPMSolverPP
 from jaxdiff.solvers.dpm_solver_v3 import EMS, DPMSolverV3, compute_ems
+from jaxdiff.solvers.edm_sde import EDMStochastic
 from jaxdiff.solvers.heun import Heun
 from jaxdiff.solvers.pndm import PNDM
-from jaxdiff.solvers.sde import DPMSolverPPSDE, EulerMaruyama
+from jaxdiff.solvers.sde import DPMSolverPPSDE, DPMSolverSDE, EulerMaruyama
 from jaxdiff.solvers.unipc import UniPC
+from jaxdiff.solvers.ancestral import DPMSolver2Ancestral, DPMSolverPP2SAncestral, DPMSolverPPSDESinglestep, EulerAncestral  # noqa

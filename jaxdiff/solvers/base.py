@@ -80,6 +80,11 @@ class Coefficients(NamedTuple):
     mix: jax.Array | None = None  # (M[, *e]): the history stores D_k + mix_k y_k instead of D_k
     offset: jax.Array | None = None  # (M, 2[, *e]): constants added to anchor' and to y_{k+1}
     use_x0: jax.Array | None = None  # (M,) bool, noise solvers: evaluation k stores x0 instead of eps
+    # stochastic solvers: each evaluation k gets one standard normal z_k (independent draws, fed noise, or a
+    # Brownian increment; see ``jaxdiff.sample``); ``noise`` scales it after the update, ``pre_noise`` before the
+    # evaluation (EDM churn); a row uses at most one of the two
+    pre_noise: jax.Array | None = None  # (M, 2): y_k <- pre_noise[0] y_k + pre_noise[1] z_k before evaluating
+    noise_span: jax.Array | None = None  # (M, 2) lambda interval whose Brownian increment z_k is (default: the step's)
 
 
 class Grid(NamedTuple):
@@ -203,6 +208,19 @@ class Solver(abc.ABC):
         ODE solvers take the limit of their first step there (see ``jaxdiff.sample``); a solver whose step
         has no limit at alpha = 0 overrides this with an error that names the solvers that work.
         """
+
+    def check_invertible(self) -> None:
+        """Trace-time check that the solver can run backwards (data -> noise) on an increasing grid.
+
+        Deterministic solvers whose rows are written for any sign of h (every exponential integrator here) can;
+        stochastic ones cannot (their noise has no inverse): ``jaxdiff.invert`` calls this first.
+        """
+        if self.stochastic:
+            raise ValueError(
+                f"`{type(self).__name__}` is stochastic: its steps add fresh noise, which running the grid backwards "
+                "cannot undo, so it has no inversion. Invert with a deterministic solver (`DDIM()`, "
+                "`DPMSolverPP(order=2)`, `UniPC()`), then sample with any solver."
+            )
 
     def nfe(self, num_steps: int) -> int:
         """Model evaluations for a grid of ``num_steps`` steps."""
