@@ -9,6 +9,8 @@
 from jaxdiff import losses, smc, testing
 from jaxdiff import hub, nets
 from jaxdiff import metrics, pretrained
+from jaxdiff import ode
+from jaxdiff.adaptive import AdaptiveStats, sample_adaptive
 from jaxdiff.hub import load_diffusers, save_diffusers
 from jaxdiff.adjoint import AdjointDPM, Backprop
 from jaxdiff.brownian import BrownianNoise

@@ -260,24 +260,18 @@ _FIRST_STEP_FRACTION = 64.0
 
 
 @dataclasses.dataclass(frozen=True)
-class _LambdaField:
-    """dy/dlambda = e^lambda x0_hat(sigma y, t(lambda)) for y = x / sigma (DPM-Solver++'s form).
+class _Unflatten:
+    """Rebuilds the model args from their distinct leaves (static and hashable: diffrax's jit cache is reused).
 
-    The denoiser and model args travel as flat leaves in diffrax's ``args`` (each distinct object once;
-    ``positions`` puts them back) and are rebuilt from their (static, hashable) tree structure here: the term
-    then compares equal across calls with the same model function, so diffrax's jit cache is reused, and a
-    leaf shared by both halves of a CFG pair stays one object (``jd.CFG`` then does not stack two copies).
+    A leaf that appears twice in the args (the parameters in both halves of a CFG pair) crosses into diffrax
+    once and comes back as one object in both places, so ``jd.CFG`` does not stack two copies of it.
     """
 
     treedef: Any
     positions: tuple[int, ...]  # leaf i of the tree is unique leaf positions[i]
 
-    def __call__(self, lam, y, unique):
-        denoiser, model_args = jax.tree.unflatten(self.treedef, [unique[i] for i in self.positions])
-        s = denoiser.schedule
-        t = s.t_of_lambda(lam)
-        x0 = denoiser.x0(s.sigma(t).astype(y.dtype) * y, t, model_args)
-        return jnp.exp(lam).astype(y.dtype) * x0.astype(y.dtype)
+    def __call__(self, unique):
+        return jax.tree.unflatten(self.treedef, [unique[i] for i in self.positions])
 
 
 def reference_solve(
@@ -357,15 +351,15 @@ def reference_solve(
                 "stop both at a small positive t."
             )
 
-    y0 = jnp.asarray(x_T, dtype) / s.sigma(t0).astype(dtype)
-    leaves, treedef = jax.tree.flatten((denoiser, args))
-    # a leaf that appears twice (the parameters in both halves of a CFG pair) crosses into diffrax once and
-    # comes back as one object in both places, so guidance does not stack two copies of it
+    from jaxdiff import ode
+
+    y0 = ode.to_state(s, jnp.asarray(x_T, dtype), t0)
+    leaves, treedef = jax.tree.flatten(args)
     first = {}
     positions = tuple(first.setdefault(id(leaf), len(first)) for leaf in leaves)
     unique = list({id(leaf): leaf for leaf in leaves}.values())
     sol = diffrax.diffeqsolve(
-        diffrax.ODETerm(_LambdaField(treedef, positions)),
+        ode.term(denoiser, "data", unpack_args=_Unflatten(treedef, positions)),
         diffrax.Dopri8(),
         lam0,
         lam1,
@@ -377,6 +371,6 @@ def reference_solve(
         saveat=diffrax.SaveAt(t1=True),
         max_steps=max_steps,
     )
-    x = s.sigma(t1).astype(dtype) * sol.ys[0]
+    x = ode.from_state(s, sol.ys[0], t1)
     steps = sol.stats["num_steps"]
     return ReferenceSolution(x, _DOPRI8_EVALS_PER_STEP * steps + _DOPRI8_EXTRA_EVALS, steps)
