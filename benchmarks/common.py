@@ -65,14 +65,14 @@ def write_results(name: str, record: dict, table_rows: list[dict], title: str, n
     record = dict(record, machine=machine())
     with open(os.path.join(RESULTS, f"{name}.json"), "w") as f:
         json.dump(record, f, indent=2, default=float)
-    cols = list(table_rows[0]) if table_rows else []
+    cols = list(dict.fromkeys(c for r in table_rows for c in r))  # rows may have different columns
     fmt = lambda v: f"{v:.4g}" if isinstance(v, float) else str(v)
     lines = [f"# {title}", "", f"Machine: {record['machine']['platform']}, backend {record['machine']['backend']}, "
              f"{record['machine']['cpu_count']} CPUs, jax {record['machine']['jax']}.", ""]
     if notes:
         lines += [notes, ""]
     lines += ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
-    lines += ["| " + " | ".join(fmt(r[c]) for c in cols) + " |" for r in table_rows]
+    lines += ["| " + " | ".join(fmt(r.get(c, "")) for c in cols) + " |" for r in table_rows]
     md = "\n".join(lines) + "\n"
     with open(os.path.join(RESULTS, f"{name}.md"), "w") as f:
         f.write(md)
