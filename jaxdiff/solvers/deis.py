@@ -21,7 +21,9 @@ reparametrization of the rho nodes), and both take lower orders during warm-up a
 ``lower_order_final``, in the last steps (diffusers: ``lower_order_final=15``, its "< 15 steps" gate).
 
 The step into sigma = 0 (rho -> 0) is regular in rho; in log rho it is the limit h -> -inf, where
-h^k e^h -> 0, so M_k = (-1)^{k+1} k! (diffusers evaluates 0 * log 0 there and gives NaN). From pure noise
+h^k e^h -> 0, so M_k = (-1)^{k+1} k! (diffusers evaluates 0 * log 0 there and gives NaN). That last step
+extrapolates the polynomial in log rho to log rho = -inf: finite, but only first-order accurate when its order
+is above 1, so keep ``lower_order_final`` (the default) on grids that end at sigma = 0. From pure noise
 (alpha = 0, rho = +inf) the first step is the data step x_1 = (sigma_1/sigma_0) x_0 + alpha_1 x0_hat (the limit
 of y_1 = y_0 + (rho_1 - rho_0) eps_0, which the noise formulation cannot express), and the polynomials of later
 steps drop the infinite node.

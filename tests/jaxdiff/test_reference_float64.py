@@ -34,11 +34,11 @@ import pytest
 import jaxdiff as jd
 
 pytestmark = [
-    pytest.mark.reference("torch", "diffusers"),
-    # diffusers' DEIS calls np.log on torch tensors (NumPy 2 deprecation, not ours)
+    # diffusers' schedulers call NumPy on torch tensors (NumPy 2 deprecations, not ours)
     pytest.mark.filterwarnings("ignore:__array_wrap__ must accept context:DeprecationWarning"),
     pytest.mark.filterwarnings("ignore:__array__ implementation doesn't accept a copy keyword:DeprecationWarning"),
 ]
+REF = pytest.mark.reference("torch", "diffusers")
 
 TOL = 1e-10
 N_TRAIN = 1000
@@ -169,6 +169,7 @@ def _rel(ours, ref):
 
 
 def _check(results):
+    print("\n".join(f"{case}: {rel:.1e}" for case, rel in results))  # the measured differences (pytest -s)
     bad = [f"{case}: {rel:.2e}" for case, rel in results if not rel <= TOL]
     assert not bad, "float64 parity beyond 1e-10:\n" + "\n".join(bad)
 
@@ -178,9 +179,100 @@ def _betas_config(betas):
 
 
 # ----------------------------------------------------------------------------------------------
+# Grid rules: jd.timesteps against diffusers' set_timesteps, in float64
+
+
+def _set(cls_name, config, n, **set_kwargs):
+    module = _scheduler_module(cls_name)
+    with _float64(module):
+        sch = getattr(module, cls_name)(**config)
+        sch.set_timesteps(n, **set_kwargs)
+    return sch
+
+
+def _noise_levels(schedule, ts):
+    return np.asarray(jnp.exp(-schedule.lambda_(jnp.asarray(ts))))  # VE sigma = sigma / alpha
+
+
+@REF
+@pytest.mark.parametrize("n", [7, 10])
+def test_euler_family_grids(n):
+    """The Euler family's linspace (fractional indices, sigmas interpolated), leading and trailing rules.
+
+    Noise levels agree to 1e-13 relative (measured 1.2e-14; the inverse map t_of_lambda rounds), the integer
+    rules' timesteps exactly.
+    """
+    schedule = _schedule("sd")
+    for cls_name in ("EulerDiscreteScheduler", "HeunDiscreteScheduler", "LMSDiscreteScheduler",
+                     "EulerAncestralDiscreteScheduler"):
+        for spacing, ours in (("linspace", "linspace_sigmas"), ("leading", "leading_ddim"), ("trailing", "trailing")):
+            sch = _set(cls_name, dict(_betas_config("sd"), timestep_spacing=spacing, steps_offset=1), n)
+            ref = np.unique(sch.sigmas.numpy())[::-1]  # Heun repeats its inner sigmas
+            ts = jd.timesteps(schedule, n, ours, steps_offset=1)
+            np.testing.assert_allclose(_noise_levels(schedule, ts), ref, rtol=1e-13, atol=0, err_msg=f"{cls_name} {spacing}")
+            if ours != "linspace_sigmas":
+                idx = np.round(np.asarray(ts[:-1]) * N_TRAIN - 1)
+                np.testing.assert_array_equal(idx, np.unique(sch.timesteps.numpy())[::-1])
+
+
+@REF
+def test_ddpm_grids():
+    schedule = _schedule("linear")
+    for spacing, ours in (("linspace", "linspace_ddpm"), ("leading", "leading_ddim"), ("trailing", "trailing")):
+        for n in (10, 7):
+            sch = _set("DDPMScheduler", dict(_betas_config("linear"), timestep_spacing=spacing), n)
+            idx = np.round(np.asarray(jd.timesteps(schedule, n, ours)[:-1]) * N_TRAIN - 1).astype(int)
+            np.testing.assert_array_equal(idx, sch.timesteps.numpy(), err_msg=f"{spacing} {n}")
+
+
+@REF
+def test_flow_grids():
+    """Static shift (SD3) and dynamic shifting by resolution (FLUX's mu) are FlowMatchEulerDiscreteScheduler's sigmas."""
+    rf = jd.RectifiedFlow()
+    for n in (4, 28):
+        for shift in (1.0, 3.0):
+            sch = _set("FlowMatchEulerDiscreteScheduler", dict(shift=shift), n)
+            np.testing.assert_allclose(np.asarray(jd.timesteps(rf, n, "flow", shift=shift)), sch.sigmas.numpy(),
+                                       rtol=1e-14, atol=1e-16)
+        for seq_len in (256, 1024, 4096):
+            mu = jd.flow_shift(seq_len)
+            sch = _set("FlowMatchEulerDiscreteScheduler", dict(use_dynamic_shifting=True), n, mu=mu)
+            np.testing.assert_allclose(np.asarray(jd.timesteps(rf, n, "flow", mu=mu)), sch.sigmas.numpy(),
+                                       rtol=1e-14, atol=1e-16)
+
+
+@REF
+def test_edm_grids_and_zero_length_final_step():
+    """EDMEulerScheduler: a final sigma_min is a zero-length step; its grid is ``karras`` with one step fewer."""
+    edm = jd.EDM()
+    for n in (5, 18):
+        zero = _set("EDMEulerScheduler", dict(final_sigmas_type="zero"), n).sigmas.numpy()
+        np.testing.assert_allclose(np.asarray(jd.timesteps(edm, n, "karras", final="zero")), zero, rtol=1e-13, atol=0)
+        smin = _set("EDMEulerScheduler", dict(final_sigmas_type="sigma_min"), n).sigmas.numpy()
+        assert smin[-1] == smin[-2]  # diffusers' zero-length last step
+        np.testing.assert_allclose(np.asarray(jd.timesteps(edm, n - 1, "karras")), smin[:-1], rtol=1e-13, atol=0)
+
+
+@REF
+def test_pndm_zero_length_final_step_mapping():
+    """PNDM with ``set_alpha_to_one=False``, ``steps_offset=0``: diffusers' last step (timestep 0 to alphas_cumprod[0])
+    is the identity. ``final="sigma_min"`` refuses that grid with the mapping; the mapped grid gives diffusers' sample
+    with one model call fewer."""
+    schedule, n = _schedule("linear"), 10
+    with pytest.raises(ValueError, match=r"zero-length step.*final='zero'\)\[:-1\]"):
+        jd.timesteps(schedule, n, "leading_ddim", final="sigma_min")
+    cfg = dict(_betas_config("linear"), skip_prk_steps=True, steps_offset=0, set_alpha_to_one=False)
+    ref, sch = _diffusers("PNDMScheduler", cfg, n, "epsilon")
+    ts = jd.timesteps(schedule, n, "leading_ddim", final="zero")[:-1]
+    assert jd.nfe(jd.PNDM("PLMS-diffusers"), ts) == len(sch.timesteps) - 1
+    _check([("mapped", _rel(_ours(jd.PNDM("PLMS-diffusers"), schedule, ts, "epsilon"), ref))])
+
+
+# ----------------------------------------------------------------------------------------------
 # DEIS: diffusers' logrho
 
 
+@REF
 @pytest.mark.parametrize("order", [1, 2, 3])
 def test_deis_logrho_matches_diffusers(order):
     """``DEIS(variant="logrho", lower_order_final=15)`` is DEISMultistepScheduler; the rho variant is not it."""
@@ -208,6 +300,7 @@ def test_deis_logrho_matches_diffusers(order):
 # PNDM: PLMS as Stable Diffusion runs it (skip_prk_steps=True)
 
 
+@REF
 @pytest.mark.parametrize("n", [4, 10])
 def test_plms_diffusers_matches_pndm_skip_prk(n):
     """``PNDM("PLMS-diffusers")`` is PNDMScheduler(skip_prk_steps=True) on epsilon models.
@@ -227,6 +320,7 @@ def test_plms_diffusers_matches_pndm_skip_prk(n):
     _check(results)
 
 
+@REF
 def test_plms_v_prediction_is_exact_where_diffusers_is_not():
     """On v prediction ours converges to the exact flow and equals its own eps run; diffusers' does not.
 
@@ -282,6 +376,7 @@ def test_plms_v_prediction_is_exact_where_diffusers_is_not():
 # Flow matching
 
 
+@REF
 @pytest.mark.parametrize("shift", [1.0, 3.0])
 def test_flow_heun_matches_flow_match_heun(shift):
     """``Heun(form="flow")`` on ``timesteps(RectifiedFlow(), n, "flow", shift=...)`` is FlowMatchHeunDiscreteScheduler,
@@ -321,6 +416,7 @@ def test_flow_heun_second_order_from_pure_noise():
 # The solvers that test_diffusers_parity.py checks at float32, here at float64
 
 
+@REF
 @pytest.mark.parametrize("order", [1, 2, 3])
 def test_dpmsolver_multistep_and_singlestep(order):
     """Multistep on SD's linspace grid to sigma = 0 (eps); singlestep on a trailing grid to sigma_min (v), fed to
@@ -343,6 +439,7 @@ def test_dpmsolver_multistep_and_singlestep(order):
     _check(results)
 
 
+@REF
 @pytest.mark.parametrize("variant", ["bh1", "bh2"])
 def test_unipc(variant):
     results = []
@@ -358,6 +455,7 @@ def test_unipc(variant):
     _check(results)
 
 
+@REF
 def test_ddim_euler_heun():
     """DDIM (leading, alpha_0 = 1), Euler and Heun (Euler family's linspace of sigmas, to sigma = 0)."""
     results = []
@@ -374,3 +472,65 @@ def test_ddim_euler_heun():
         ref, _ = _diffusers("HeunDiscreteScheduler", cfg, 10, prediction)
         results.append((("heun", betas), _rel(_ours(jd.Heun(), schedule, ts, prediction), ref)))
     _check(results)
+
+
+# ----------------------------------------------------------------------------------------------
+# Convergence of the new options (no reference needed)
+
+
+@pytest.mark.parametrize("variant", ["rho", "logrho"])
+def test_deis_variants_converge_at_their_order(variant):
+    """Both DEIS variants of order 2 and 3 converge at their order on Gaussian data (exact flow).
+
+    VPLinear, logSNR grids of 20 / 40 / 80 steps from t = 1 to 1e-3. Measured slopes: rho 1.75, 1.87 (order 2)
+    and 2.44, 2.71 (order 3; its polynomial in rho over rho in [1e-2, 1e2] is still pre-asymptotic here); logrho
+    1.91, 1.96 (order 2) and 3.67, 3.62 (order 3). On this problem logrho is the more accurate (order 3, 80 steps:
+    1.2e-5 vs 9.3e-4).
+    """
+    s = jd.VPLinear()
+    gd = jd.testing.GaussianData(mean=jnp.asarray([0.5, -1.0]), scale=jnp.asarray([0.3, 0.8]))
+    x_T = jnp.asarray(_x_T())
+    for order, lo in ((2, 1.75), (3, 2.55 if variant == "rho" else 2.9)):
+        errs = []
+        for n in (20, 40, 80):
+            ts = jd.timesteps(s, n, "logsnr")
+            out = _sample(s, x_T, ts, gd, solver=jd.DEIS(order=order, variant=variant), prediction="epsilon")
+            errs.append(float(jnp.max(jnp.abs(out - gd.flow(s, x_T, ts[0], ts[-1])))))
+        slopes = np.log2(np.array(errs[:-1]) / np.array(errs[1:]))
+        assert slopes[-1] > lo and np.all(slopes < order + 1.0), (order, errs, slopes)
+
+
+def test_deis_logrho_final_zero_and_pure_noise():
+    """logrho into sigma = 0 (rho -> 0, the limit h^k e^h -> 0) and from alpha = 0 is finite and converges.
+
+    (diffusers evaluates log 0 there.) RectifiedFlow with a velocity model from t = 1 to t = 0, uniform grids of
+    16 / 32 steps, order 3: measured errors 1.2e-2 / 1.7e-3 against the exact flow (slope 2.9). Without
+    ``lower_order_final`` the last step extrapolates the polynomial in log rho to log rho = -inf: finite, with
+    finite gradients, but only first order there (measured 1.5e-2 / 9.1e-3).
+    """
+    gd = jd.testing.GaussianData(mean=jnp.asarray([0.5, -1.0]), scale=jnp.asarray([0.3, 0.8]))
+    rf, x_T = jd.RectifiedFlow(), jnp.asarray(_x_T())
+    exact = gd.flow(rf, x_T, 1.0, 0.0)
+    errs = []
+    for n in (16, 32):
+        out = _sample(rf, x_T, jnp.linspace(1.0, 0.0, n + 1), gd, solver=jd.DEIS(order=3, variant="logrho"),
+                      prediction="velocity")
+        assert bool(jnp.all(jnp.isfinite(out)))
+        errs.append(float(jnp.max(jnp.abs(out - exact))))
+    assert np.log2(errs[0] / errs[1]) > 2.5, errs
+    solver = jd.DEIS(order=3, variant="logrho", lower_order_final=False)
+    grad = jax.grad(lambda x: jnp.sum(_sample(rf, x, jnp.linspace(1.0, 0.0, 17), gd, solver=solver,
+                                              prediction="velocity")))(x_T)
+    assert bool(jnp.all(jnp.isfinite(grad)))
+
+
+def test_new_options_reject_bad_values():
+    with pytest.raises(ValueError, match=r"Unknown `variant='log'`; expected one of \('rho', 'logrho'\).*'logrho' in log rho"):
+        jd.DEIS(order=2, variant="log")
+    with pytest.raises(ValueError, match=r"Unknown `form='velocity'`; expected one of \('edm', 'flow'\)"):
+        jd.Heun(form="velocity")
+    with pytest.raises(ValueError, match=r"Unknown `variant='PLMS-SD'`; expected one of \('F', 'S', 'PLMS', 'PLMS-diffusers'\)"):
+        jd.PNDM("PLMS-SD")
+    with pytest.raises(ValueError, match=r"`Heun\(final_euler=False\)` evaluates the model at the last grid point"):
+        jd.sample(jd.testing.GaussianData(mean=jnp.zeros(()), scale=jnp.ones(())).denoiser(jd.RectifiedFlow(), "velocity"),
+                  jnp.zeros((2, 2)), jd.timesteps(jd.RectifiedFlow(), 4, "flow"), jd.Heun(final_euler=False, form="flow"))
