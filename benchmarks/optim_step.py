@@ -15,6 +15,7 @@ copy bandwidth measured here (``x + 1`` on a 256 MiB buffer: one read, one write
 from __future__ import annotations
 
 import argparse
+import os
 import statistics
 import time
 
@@ -128,6 +129,7 @@ def main() -> None:
     args = ap.parse_args()
     only = [w for w in args.only.split(",") if w]
     repeats = 5 if args.quick else args.repeats
+    load = os.getloadavg()
     params = make_params()
     grads = jax.tree.map(lambda p: 0.01 * jnp.sin(1000.0 * p) + 0.001, params)
     n = sum(x.size for x in jax.tree.leaves(params))
@@ -166,7 +168,10 @@ def main() -> None:
              f"apply_updates, params and state donated; medians of {repeats} interleaved calls. ratio = optim / "
              f"optax.contrib (same algorithm). floor = (grads + params read + params written + state read + "
              f"changed state written) / copy bandwidth ({bandwidth / 1e9:.2f} GB/s, `x + 1` on 256 MiB). "
-             "state_copies = state bytes / param bytes.")
+             "state_copies = state bytes / param bytes. The machine was shared with other jobs (load average "
+             f"{load[0]:.1f} before, {os.getloadavg()[0]:.1f} after, on {os.cpu_count()} CPUs): read the ratios of "
+             "interleaved peers, not the absolute times.")
+    record["load_average"] = {"before": load, "after": os.getloadavg()}
     md = write_results("optim_step", record, rows, "optim: one jitted step, ~10M parameters", notes)
     print(md)
 

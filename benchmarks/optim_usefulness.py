@@ -37,9 +37,10 @@ import numpy as np
 import optax
 
 import optim
+from benchmarks import common
 
 ADAM_GRID = (1e-4, 3e-4, 1e-3, 3e-3, 1e-2, 3e-2, 1e-1)
-RESULTS = Path(__file__).parent / "results"
+RESULTS = Path(common.RESULTS)  # JAXDIFF_BENCH_RESULTS redirects it (`make bench` writes bench-quick/)
 
 
 class Workload(NamedTuple):
@@ -250,7 +251,7 @@ def main(argv=None):
                   f"{s['status']}", flush=True)
         record["workloads"][wname] = {"adam_grid": {str(k): v for k, v in grid.items()}, "adam_best_lr": best_lr,
                                       "methods": rows}
-    RESULTS.mkdir(exist_ok=True)
+    RESULTS.mkdir(parents=True, exist_ok=True)
     (RESULTS / "optim_usefulness.json").write_text(json.dumps(record, indent=1))
     (RESULTS / "optim_usefulness.md").write_text(_markdown(record))
     print(_markdown(record))
