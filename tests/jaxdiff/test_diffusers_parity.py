@@ -153,7 +153,7 @@ class _Precomputed(Solver):
         return self._coef
 
 
-_M, _K = 24, 4
+_M, _K = 24, 5  # K = 5: PNDM('PLMS-diffusers') keeps its improved-Euler predictor's slot
 
 
 def _pad(coef, layout):
@@ -592,6 +592,55 @@ def test_noise_prediction_solvers(order):
                 ("unipc", unipc, jd.UniPC(order=order, prediction="noise")),
             ):
                 results.append(((name, beta, pred), _parity(_ours(solver, beta, pred, ts), new, beta, pred)))
+    _assert_all(results)
+
+
+# ----------------------------------------------------------------------------------------------
+# DEISMultistepScheduler (logrho) and PNDMScheduler(skip_prk_steps=True) (issue 13; float64 parity of both, and
+# of every solver above, is in test_reference_float64.py)
+
+
+@pytest.mark.parametrize("order", [1, 2, 3])
+def test_deis_logrho(order):
+    """``DEIS(variant="logrho", lower_order_final=15)`` against diffusers' float32 DEISMultistepScheduler."""
+    from diffusers import DEISMultistepScheduler
+
+    results = []
+    for beta, pred, spacing in _bases(flip=order == 2):
+
+        def new(beta=beta, pred=pred, spacing=spacing):
+            sch = DEISMultistepScheduler(num_train_timesteps=NUM_TRAIN, solver_order=order, prediction_type=pred,
+                                         timestep_spacing=spacing, **BETAS[beta])
+            sch.set_timesteps(10)
+            return sch
+
+        ours = _ours(jd.DEIS(order=order, variant="logrho", lower_order_final=15), beta, pred,
+                     _grid(beta, 10, spacing, "sigma_min"))
+        results.append(((beta, pred, spacing), _parity(ours, new, beta, pred)))
+    _assert_all(results)
+
+
+@pytest.mark.parametrize("steps_offset", [0, 1])
+def test_pndm_plms_skip_prk(steps_offset):
+    """``PNDM("PLMS-diffusers")`` against diffusers' float32 PLMS on epsilon models; on v models diffusers converts
+    with the wrong alpha (see ``jaxdiff.solvers.pndm``) and differs far beyond float32 round-off."""
+    from diffusers import PNDMScheduler
+
+    results = []
+    for beta in BETAS:
+        ts = _grid(beta, 10, "leading_ddim", "zero", steps_offset)
+
+        def new(beta=beta, pred="epsilon"):
+            sch = PNDMScheduler(num_train_timesteps=NUM_TRAIN, skip_prk_steps=True, set_alpha_to_one=True,
+                                steps_offset=steps_offset, prediction_type=pred, **BETAS[beta])
+            sch.set_timesteps(10)
+            return sch
+
+        results.append(((beta, "epsilon"), _parity(_ours(jd.PNDM("PLMS-diffusers"), beta, "epsilon", ts), new, beta,
+                                                  "epsilon")))
+        ours_v = _ours(jd.PNDM("PLMS-diffusers"), beta, "v_prediction", ts)
+        ref_v = _diffusers_sample(new(pred="v_prediction"), beta, "v_prediction")
+        assert _rel(ours_v, ref_v) > 100 * TOL
     _assert_all(results)
 
 

@@ -410,6 +410,9 @@ def test_flow_heun_second_order_from_pure_noise():
             errs.append(float(jnp.max(jnp.abs(out - exact))))
         slopes = np.log2(np.array(errs[:-1]) / np.array(errs[1:]))
         assert np.all(slopes > lo) and np.all(slopes < 2.5), (form, errs, slopes)
+    grad = jax.grad(lambda x: jnp.sum(_sample(rf, x, jnp.linspace(1.0, 0.0, 9), gd, solver=jd.Heun(form="flow"),
+                                              prediction="velocity")))(x_T)
+    assert bool(jnp.all(jnp.isfinite(grad)))
 
 
 # ----------------------------------------------------------------------------------------------
