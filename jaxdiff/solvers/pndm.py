@@ -50,12 +50,12 @@ class PNDM(Solver):
     ``"PLMS-diffusers"`` on diffusers' ``PNDMScheduler(skip_prk_steps=True, set_alpha_to_one=True)`` grid is
     ``jd.timesteps(s, n, "leading_ddim", final="zero", steps_offset=...)``; with ``set_alpha_to_one=False`` and
     ``steps_offset=0`` diffusers ends with a zero-length (identity) step, see ``jaxdiff.timesteps``.
+    The pseudo-RK warm-up is inaccurate on coarse grids that start near alpha = 0 (its eps transfers
+    multiply stage differences by alpha_n/alpha_c): prefer ``"PLMS"`` below about 10 steps.
 
     Example:
         >>> PNDM("PLMS-diffusers").nfe(50)  # Stable Diffusion's PLMS
         51
-    The pseudo-RK warm-up is inaccurate on coarse grids that start near alpha = 0 (its eps transfers
-    multiply stage differences by alpha_n/alpha_c): prefer ``"PLMS"`` below about 10 steps.
     """
 
     variant: str = "PLMS"
