@@ -195,23 +195,22 @@ def _noise_levels(schedule, ts):
 
 
 @REF
-@pytest.mark.parametrize("n", [7, 10])
-def test_euler_family_grids(n):
+def test_euler_family_grids():
     """The Euler family's linspace (fractional indices, sigmas interpolated), leading and trailing rules.
 
-    Noise levels agree to 1e-13 relative (measured 1.2e-14; the inverse map t_of_lambda rounds), the integer
-    rules' timesteps exactly.
+    Noise levels agree to 1e-13 relative (measured ~1e-14; the inverse map t_of_lambda rounds), the integer
+    rules' timesteps exactly. 7 steps: 999 / 6 is fractional, so linspace falls between table entries.
     """
-    schedule = _schedule("sd")
-    for cls_name in ("EulerDiscreteScheduler", "HeunDiscreteScheduler", "LMSDiscreteScheduler",
-                     "EulerAncestralDiscreteScheduler"):
-        for spacing, ours in (("linspace", "linspace_sigmas"), ("leading", "leading_ddim"), ("trailing", "trailing")):
+    schedule, n = _schedule("sd"), 7
+    for spacing, ours in (("linspace", "linspace_sigmas"), ("leading", "leading_ddim"), ("trailing", "trailing")):
+        ts = jd.timesteps(schedule, n, ours, steps_offset=1)
+        levels, idx = _noise_levels(schedule, ts), np.round(np.asarray(ts[:-1]) * N_TRAIN - 1)
+        for cls_name in ("EulerDiscreteScheduler", "HeunDiscreteScheduler", "LMSDiscreteScheduler",
+                         "EulerAncestralDiscreteScheduler"):
             sch = _set(cls_name, dict(_betas_config("sd"), timestep_spacing=spacing, steps_offset=1), n)
             ref = np.unique(sch.sigmas.numpy())[::-1]  # Heun repeats its inner sigmas
-            ts = jd.timesteps(schedule, n, ours, steps_offset=1)
-            np.testing.assert_allclose(_noise_levels(schedule, ts), ref, rtol=1e-13, atol=0, err_msg=f"{cls_name} {spacing}")
+            np.testing.assert_allclose(levels, ref, rtol=1e-13, atol=0, err_msg=f"{cls_name} {spacing}")
             if ours != "linspace_sigmas":
-                idx = np.round(np.asarray(ts[:-1]) * N_TRAIN - 1)
                 np.testing.assert_array_equal(idx, np.unique(sch.timesteps.numpy())[::-1])
 
 
@@ -462,18 +461,21 @@ def test_unipc(variant):
 def test_ddim_euler_heun():
     """DDIM (leading, alpha_0 = 1), Euler and Heun (Euler family's linspace of sigmas, to sigma = 0)."""
     results = []
-    for betas, prediction in (("sd", "epsilon"), ("linear", "v_prediction")):
+    for name, betas, prediction in (("ddim", "sd", "epsilon"), ("euler", "linear", "v_prediction"),
+                                    ("heun", "sd", "v_prediction")):
         schedule = _schedule(betas)
         cfg = dict(_betas_config(betas), prediction_type=prediction)
-        ref, _ = _diffusers("DDIMScheduler", dict(cfg, clip_sample=False, set_alpha_to_one=True, steps_offset=1), 10,
-                            prediction, step_kwargs=dict(eta=0.0))
-        ts = jd.timesteps(schedule, 10, "leading_ddim", final="zero", steps_offset=1)
-        results.append((("ddim", betas), _rel(_ours(jd.DDIM(), schedule, ts, prediction), ref)))
-        ts = jd.timesteps(schedule, 10, "linspace_sigmas")
-        ref, _ = _diffusers("EulerDiscreteScheduler", cfg, 10, prediction)
-        results.append((("euler", betas), _rel(_ours(jd.Euler(), schedule, ts, prediction), ref)))
-        ref, _ = _diffusers("HeunDiscreteScheduler", cfg, 10, prediction)
-        results.append((("heun", betas), _rel(_ours(jd.Heun(), schedule, ts, prediction), ref)))
+        if name == "ddim":
+            ref, _ = _diffusers("DDIMScheduler", dict(cfg, clip_sample=False, set_alpha_to_one=True, steps_offset=1),
+                                10, prediction, step_kwargs=dict(eta=0.0))
+            ts, solver = jd.timesteps(schedule, 10, "leading_ddim", final="zero", steps_offset=1), jd.DDIM()
+        elif name == "euler":
+            (ref, _), solver = _diffusers("EulerDiscreteScheduler", cfg, 7, prediction), jd.Euler()
+            ts = jd.timesteps(schedule, 7, "linspace_sigmas")  # fractional indices
+        else:
+            (ref, _), solver = _diffusers("HeunDiscreteScheduler", cfg, 10, prediction), jd.Heun()
+            ts = jd.timesteps(schedule, 10, "linspace_sigmas")
+        results.append(((name, betas, prediction), _rel(_ours(solver, schedule, ts, prediction), ref)))
     _check(results)
 
 
