@@ -11,7 +11,9 @@
   procedure of Kasimbeg et al. (2025): each candidate runs on every workload and the one with the
   best score across all of them (not per workload) is kept. The table behind each choice and the
   leave-one-workload-out check are in ``benchmarks/results/optim_calibration.md``; none of them has
-  a schedule (the transforms' learning rate is left at its default multiplier).
+  a schedule. Each grid is the published default and three neighbours: the learning-rate multiplier (1
+  or 0.5; schedule-free AdamW/RAdam: 0.0025 or 0.01) times one more knob (beta2, momentum, DoG's
+  ``reps_rel``, COCOB's alpha, Mechanic's weight decay and ``s_init``).
 
 and some have more (``"optax"``: the behaviour of the ``optax.contrib`` function of the same
 algorithm; ``"diffusion"``, ``"batchnorm"``, ``"momentum"``, ``"algoperf"``: advice from the
@@ -26,8 +28,24 @@ from __future__ import annotations
 
 from typing import Any
 
-#: The settings of ``benchmarks/optim_calibration.py`` (run of 2025-12, see its results file).
-_CALIBRATED: dict[str, dict[str, Any]] = {}
+#: The choices of ``benchmarks/optim_calibration.py`` (run of 2026-12-08 on a shared 2-core CPU,
+#: 2 seeds; workloads quadratic, digits_logreg, text_lm, digits_cnn;
+#: the table: ``benchmarks/results/optim_calibration.md``).
+_CALIBRATED: dict[str, dict[str, Any]] = {
+    "prodigy": {"learning_rate": 1.0, "betas": (0.9, 0.99)},
+    "dadapt_adam": {"learning_rate": 1.0, "betas": (0.9, 0.99)},
+    "dadapt_sgd": {"learning_rate": 1.0, "momentum": 0.9},
+    "dadapt_adagrad": {"learning_rate": 1.0, "momentum": 0.9},
+    "dadapt_lion": {"learning_rate": 0.5, "betas": (0.9, 0.99)},
+    "dog": {"learning_rate": 1.0, "reps_rel": 0.0001},
+    "ldog": {"learning_rate": 1.0, "reps_rel": 0.0001},
+    "dowg": {"learning_rate": 1.0, "reps_rel": 0.0001},
+    "cocob": {"learning_rate": 1.0, "alpha": 10.0},
+    "mechanize": {"weight_decay": 0.0, "s_init": 1e-06},
+    "schedule_free_sgd": {"learning_rate": 1.0, "b1": 0.9},
+    "schedule_free_adamw": {"learning_rate": 0.01, "b2": 0.995},
+    "schedule_free_radam": {"learning_rate": 0.01, "b2": 0.995},
+}
 
 PRESETS: dict[str, dict[str, dict[str, Any]]] = {
     # prodigyopt 1.1.2 defaults; its README for diffusion models; optax.contrib.prodigy (bias correction always on)

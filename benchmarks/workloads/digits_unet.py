@@ -45,7 +45,8 @@ def digits_unet(scale: str = "cpu", target: float = 0.295) -> Workload:
     xtr, ytr = jnp.asarray(xtr, jnp.float32), jnp.asarray(ytr)  # float32 also under jax_enable_x64
     xte, yte = jnp.asarray(xte[:128], jnp.float32), jnp.asarray(yte[:128])
     k_t, k_noise = jax.random.split(jax.random.key(1234))
-    t_val = jax.random.uniform(k_t, (xte.shape[0],), minval=float(den.schedule.t_min), maxval=float(den.schedule.t_max), dtype=jnp.float32)
+    t_val = jax.random.uniform(k_t, (xte.shape[0],), jnp.float32, minval=float(den.schedule.t_min),
+                               maxval=float(den.schedule.t_max))
     noise_val = jax.random.normal(k_noise, xte.shape, jnp.float32)
     weighting = losses.MinSNR(5.0)
 
