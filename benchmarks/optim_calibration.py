@@ -269,25 +269,27 @@ def markdown(record: dict) -> str:
     wnames = list(record["workloads"])
     lines = ["# optim_calibration: calibrated presets and steps to target", "",
              f"Machine: {record['machine']['platform']}, {record['machine']['cpu_count']} CPUs, jax "
-             f"{record['machine']['jax']}; {record['seeds']} seeds; load average at the end "
-             f"{record['load_average_at_end'][0]:.1f} (the machine was shared with other jobs: wall times are "
-             f"noisy, steps are not). Total wall time {record['total_seconds'] / 60:.1f} min.", "",
+             f"{record['machine']['jax']}; {record['seeds']} seeds unless the workload table says otherwise; load "
+             f"average at the end {record['load_average_at_end'][0]:.1f} (the machine was shared with other "
+             "jobs: wall times are noisy, steps are not)."
+             f" Total wall time {record['total_seconds'] / 60:.1f} min.", "",
              "Cost of a run: steps to target / budget if reached, else 1 + the fraction of the gap from the "
              "start to the target left at the best evaluation (2: non-finite). Score: mean cost over "
              "workloads (median over seeds). `miss (c)` is a run that never reached the target, with its cost.",
-             "", "## Workloads", "", "| workload | budget (steps) | eval every | target | target from | metric |",
-             "|---|---|---|---|---|---|"]
+             "", "## Workloads", "",
+             "| workload | budget (steps) | eval every | seeds | target | target from | metric |",
+             "|---|---|---|---|---|---|---|"]
     for w in wnames:
         r = record["workloads"][w]
-        lines.append(f"| {w} | {r['steps']} | {r['eval_every']} | {r['target']:.4g} | {r['target_from']} | "
-                     f"{r['metric']} |")
+        lines.append(f"| {w} | {r['steps']} | {r['eval_every']} | {r.get('seeds', record['seeds'])} | "
+                     f"{r['target']:.4g} | {r['target_from']} | {r['metric']} |")
     lines += ["", "## Calibrated presets (one setting per transform, across all workloads)", "",
               "| transform | calibrated setting | score | default score |", "|---|---|---|---|"]
     ms = methods()
     for name, c in cal.items():
         kw = ms[name].kwargs(c["setting"]) if name in ms else c["setting"]
         lines.append(f"| {name} | `{kw}` | {c['score']:.3f} | {c['default_score']:.3f} |")
-    lines += ["", "## Leave-one-workload-out (calibrate on four, score on the held-out one)", "",
+    lines += ["", f"## Leave-one-workload-out (calibrate on {len(wnames) - 1}, score on the held-out one)", "",
               "Cost on the held-out workload of the setting calibrated without it, vs the published default.", "",
               "| transform | " + " | ".join(wnames) + " | mean LOO | mean default |", "|---" * (len(wnames) + 3) + "|"]
     wins = ties = losses = 0
@@ -379,6 +381,8 @@ def main(argv=None):
     ap.add_argument("--seeds", type=int, default=None)
     ap.add_argument("--workloads", default=None, help="comma-separated names (default: all)")
     ap.add_argument("--methods", default=None, help="comma-separated transforms (default: all)")
+    ap.add_argument("--steps", type=int, default=None, help="override the step budget (evaluations every tenth)")
+    ap.add_argument("--merge", action="store_true", help="add the workloads run now to the existing JSON")
     ap.add_argument("--report", action="store_true", help="rewrite the markdown from the JSON")
     args = ap.parse_args(argv)
     path = os.path.join(common.RESULTS, "optim_calibration")
@@ -397,10 +401,15 @@ def main(argv=None):
     record = {"seeds": seeds, "lr_grid": LR_GRID, "method_names": list(mlist),
               "grids": {k: list(m.grid) for k, m in mlist.items()}, "workloads": {}, "machine": common.machine()}
     start = time.perf_counter()
+    if args.merge:  # e.g. a workload too slow for the main run, at fewer seeds or steps (recorded per workload)
+        with open(path + ".json") as f:
+            record = json.load(f)
+        start -= record["total_seconds"]
     os.makedirs(common.RESULTS, exist_ok=True)
     for wname in wnames:
-        record["workloads"][wname] = run_workload(wname, mlist, seeds, 40 if args.quick else None,
+        record["workloads"][wname] = run_workload(wname, mlist, seeds, 40 if args.quick else args.steps,
                                                   log=lambda s: print(s, flush=True))
+        record["workloads"][wname]["seeds"] = seeds
         record["total_seconds"] = time.perf_counter() - start
         record["load_average_at_end"] = os.getloadavg()
         with open(path + ".json", "w") as f:  # after every workload: a partial run is not lost

@@ -31,7 +31,7 @@ def config(scale: str = "cpu"):
 
 
 def digits_unet(scale: str = "cpu", target: float = 0.295) -> Workload:
-    """Denoising-loss training of the digits U-Net; batches of 16 (GPU scale: 128), 200 steps (4000)."""
+    """Denoising-loss training of the digits U-Net; batches of 16 (GPU scale: 128), 100 steps (4000)."""
     from jaxdiff import losses
     from jaxdiff.nets import UNet2D
     from jaxdiff.pretrained import digits_data, train_digits
@@ -73,6 +73,6 @@ def digits_unet(scale: str = "cpu", target: float = 0.295) -> Workload:
     return Workload(
         name="digits_unet", init=init, loss=loss, batch=get_batch, evaluate=evaluate,
         metric="held-out v-prediction loss (min-SNR-5) at fixed t, noise", target=target,
-        steps=200 if scale == "cpu" else 4000, eval_every=10, vectorize=False,
+        steps=100 if scale == "cpu" else 4000, eval_every=10, vectorize=False,
         notes=f"class-conditional U-Net {cfg.block_out_channels}, batch {batch}, the shipped model's loss; "
               "validation on 128 test digits at fixed (t, noise).")
