@@ -7,7 +7,7 @@ DEMO_STAMP := $(VENV)/.demo-installed
 TEST_STAMP := $(VENV)/.test-installed
 JOBS ?= 2
 
-.PHONY: demo test bench clean
+.PHONY: demo test bench docs clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -27,8 +27,12 @@ demo: $(DEMO_STAMP)
 test: $(TEST_STAMP)
 	$(BIN)/python -m pytest -n $(JOBS) -q tests
 
+# the documentation site (guides, notebooks, API reference) into site/; --strict fails on any warning
+docs: $(TEST_STAMP)
+	NO_MKDOCS_2_WARNING=1 $(BIN)/mkdocs build --strict
+
 bench: $(TEST_STAMP)
 	$(BIN)/python -m benchmarks.run_all
 
 clean:
-	rm -rf $(VENV) .pytest_cache demo.png bench-quick
+	rm -rf $(VENV) .pytest_cache demo.png bench-quick site
