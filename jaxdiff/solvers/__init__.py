@@ -10,4 +10,5 @@ from jaxdiff.solvers.heun import Heun
 from jaxdiff.solvers.pndm import PNDM
 from jaxdiff.solvers.sde import DPMSolverPPSDE, DPMSolverSDE, EulerMaruyama
 from jaxdiff.solvers.unipc import UniPC
-from jaxdiff.solvers.ancestral import DPMSolver2Ancestral, DPMSolverPP2SAncestral, DPMSolverPPSDESinglestep, EulerAncestral  # noqa
+from jaxdiff.solvers.ancestral import (DPMSolver2Ancestral, DPMSolverPP2SAncestral, DPMSolverPPSDESinglestep,
+                                       EulerAncestral)
