@@ -67,7 +67,7 @@ def _k_sampling():
 
 
 def _k_model(schedule):
-    """k-diffusion's denoiser D(y, rho): the exact Gaussian model under ``schedule`` (y = x/alpha, rho = sigma/alpha)."""
+    """k-diffusion's denoiser D(y, rho) of the exact Gaussian model (y = x/alpha, rho = sigma/alpha)."""
     import torch
 
     def model(y, rho):
