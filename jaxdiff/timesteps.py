@@ -87,7 +87,7 @@ def _discrete_indices(num_train: int, num_steps: int, spacing: str, steps_offset
 def timesteps(
     schedule: Schedule,
     num_steps: int,
-    spacing: str = "logsnr",
+    spacing: str | None = None,
     *,
     t_start=None,
     t_end=None,
@@ -104,7 +104,9 @@ def timesteps(
         schedule: the noise schedule.
         num_steps: number of solver steps (>= 1).
         spacing: one of ``CONTINUOUS_SPACINGS``, (``VPDiscrete`` only) ``DISCRETE_SPACINGS`` or
-            (``RectifiedFlow`` only) ``"flow"``; see the module docstring.
+            (``RectifiedFlow`` only) ``"flow"``; see the module docstring. Default: the schedule's
+            ``default_spacing`` ("quadratic" for the VP schedules, "karras" for EDM, "time" for RectifiedFlow,
+            "logsnr" for VE), chosen by the measurements in ``benchmarks/results/digits_quality.md``.
         t_start, t_end: interval for continuous spacings (default ``schedule.t_max``, ``schedule.t_min``).
         final: ``"zero"`` or ``"sigma_min"``; see the module docstring.
         rho: Karras exponent.
@@ -217,6 +219,8 @@ def _grid(schedule, num_steps, spacing, t_start, t_end, final, rho, steps_offset
     if not isinstance(schedule, Schedule):
         raise TypeError(f"`schedule` must be a jaxdiff Schedule (e.g. `jd.VPLinear()`), got {type(schedule).__name__}.")
     schedule.check_params()
+    if spacing is None:
+        spacing = schedule.default_spacing
     if not isinstance(num_steps, (int, np.integer)) or isinstance(num_steps, bool) or num_steps < 1:
         raise ValueError(f"`num_steps` must be a positive Python int, got {num_steps!r}.")
     if final is not None and final not in FINALS:

@@ -44,7 +44,7 @@ def closed_form(ts):
     [(1, jd.UniPC()), (3, jd.DPMSolverPP(order=3, method="singlestep")), ("sqrt", jd.DDPM()), ("binomial", jd.UniPC())],
 )
 def test_backprop_checkpointing_gives_the_same_gradient(checkpoint, solver):
-    ts = jd.timesteps(S, 11)
+    ts = jd.timesteps(S, 11, "logsnr")
     key = jax.random.key(3)
     f = lambda x, a, adj: jnp.sum(jd.sample(GD.denoiser(S), x, ts, solver, args=a, key=key, adjoint=adj) ** 2)  # noqa: E731
     ref = jax.jit(jax.grad(f, argnums=(0, 1)), static_argnums=2)(X_T, GD, None)
@@ -55,7 +55,7 @@ def test_backprop_checkpointing_gives_the_same_gradient(checkpoint, solver):
 def test_backprop_checkpointing_cuts_compiled_memory():
     den = GD.denoiser(S)
     x = jnp.ones((256, 2))
-    ts = jd.timesteps(S, 48)
+    ts = jd.timesteps(S, 48, "logsnr")
 
     def temp(adj):
         f = jax.grad(lambda x: jnp.sum(jd.sample(den, x, ts, jd.DPMSolverPP(), args=GD, adjoint=adj) ** 2))
@@ -76,7 +76,7 @@ def test_backprop_rejects_bad_checkpoint():
 
 
 def test_adjoint_forward_is_the_solver_output():
-    ts = jd.timesteps(S, 12)
+    ts = jd.timesteps(S, 12, "logsnr")
     den = GD.denoiser(S)
     plain = jd.sample(den, X_T, ts, jd.UniPC(), args=GD)
     np.testing.assert_array_equal(jd.sample(den, X_T, ts, jd.UniPC(), args=GD, adjoint=AdjointDPM()), plain)
@@ -86,20 +86,20 @@ def test_adjoint_order2_converges_to_closed_form():
     """Acceptance 1: 2M forward on a logSNR grid, second-order adjoint: <= 2e-2 at 20, <= 1e-3 at 100 steps."""
     errs = {}
     for n in (20, 40, 100):
-        ts = jd.timesteps(S, n)
+        ts = jd.timesteps(S, n, "logsnr")
         errs[n] = rel(grads(GD.denoiser(S), ts, jd.DPMSolverPP(order=2), AdjointDPM(order=2, corrector=False)), closed_form(ts))
     assert errs[20] <= 2e-2 and errs[100] <= 1e-3
     assert np.log2(errs[20] / errs[40]) > 1.6  # second order
 
 
 def test_adjoint_order3_converges_at_third_order():
-    errs = [rel(grads(GD.denoiser(S), jd.timesteps(S, n), jd.DPMSolverPP(order=3), AdjointDPM(order=3, corrector=False)), closed_form(jd.timesteps(S, n))) for n in (20, 40)]
+    errs = [rel(grads(GD.denoiser(S), jd.timesteps(S, n, "logsnr"), jd.DPMSolverPP(order=3), AdjointDPM(order=3, corrector=False)), closed_form(jd.timesteps(S, n, "logsnr"))) for n in (20, 40)]
     assert errs[0] < 5e-3
     assert np.log2(errs[0] / errs[1]) > 2.4
 
 
 def test_adjoint_order1_is_first_order():
-    errs = [rel(grads(GD.denoiser(S), jd.timesteps(S, n), jd.DDIM(), AdjointDPM(order=1, corrector=False)), closed_form(jd.timesteps(S, n))) for n in (40, 80)]
+    errs = [rel(grads(GD.denoiser(S), jd.timesteps(S, n, "logsnr"), jd.DDIM(), AdjointDPM(order=1, corrector=False)), closed_form(jd.timesteps(S, n, "logsnr"))) for n in (40, 80)]
     assert 0.8 < np.log2(errs[0] / errs[1]) < 1.3
 
 
@@ -108,7 +108,7 @@ def test_adjoint_corrector_raises_the_order_by_one(order):
     """PEC Adams-Moulton corrector: order k predictor -> order k + 1 (the order-4 UniPC forward is not the limit)."""
     slopes, last = {}, {}
     for corrector in (False, True):
-        e = [rel(grads(GD.denoiser(S), jd.timesteps(S, n), jd.UniPC(order=3), AdjointDPM(order=order, corrector=corrector)), closed_form(jd.timesteps(S, n))) for n in (40, 80)]
+        e = [rel(grads(GD.denoiser(S), jd.timesteps(S, n, "logsnr"), jd.UniPC(order=3), AdjointDPM(order=order, corrector=corrector)), closed_form(jd.timesteps(S, n, "logsnr"))) for n in (40, 80)]
         slopes[corrector], last[corrector] = np.log2(e[0] / e[1]), e[1]
     # measured: order 2: 1.96 -> 2.67 (1.6e-3 -> 1.3e-4 at 80 steps); order 3: 3.23 -> 4.43 (5.7e-5 -> 1.1e-5)
     assert order - 0.2 < slopes[False] < order + 0.5
@@ -122,7 +122,7 @@ def test_adjoint_recommended_config_on_closed_form():
     x, c = jnp.linspace(-1.5, 1.2, 8), jnp.full((8,), 0.3)
     ref = jax.grad(lambda x, g: jnp.sum((g.flow(S, x, 0.9, 1e-3) - c) ** 2), argnums=(0, 1))(x, gd)
     loss = lambda x0: jnp.sum((x0 - c) ** 2)  # noqa: E731
-    errs = {n: rel(grads(gd.denoiser(S), jd.timesteps(S, n, t_start=0.9, t_end=1e-3), jd.UniPC(order=3), AdjointDPM(), args=gd, x=x, loss=loss), ref) for n in (10, 20)}
+    errs = {n: rel(grads(gd.denoiser(S), jd.timesteps(S, n, "logsnr", t_start=0.9, t_end=1e-3), jd.UniPC(order=3), AdjointDPM(), args=gd, x=x, loss=loss), ref) for n in (10, 20)}
     # measured 8.1e-3 and 5.4e-4: 1e-2 with 21 model calls, 1e-3 with 41 (diffrax's best: 20 and 28)
     assert errs[10] < 1e-2 and errs[20] < 1e-3
 
@@ -134,7 +134,7 @@ def test_adjoint_default_mirrors_the_forward_solver():
                         "PNDM4": (3, False)}
     assert AdjointDPM(order=2, corrector=True).for_solver(jd.DDIM()) == AdjointDPM(order=2, corrector=True)
     # after a 2M forward the mirrored (plain order-2) scheme beats order 3 + corrector: measured 9.2e-3 vs 2.6e-2
-    ts = jd.timesteps(S, 20)
+    ts = jd.timesteps(S, 20, "logsnr")
     default = rel(grads(GD.denoiser(S), ts, jd.DPMSolverPP(order=2), AdjointDPM()), closed_form(ts))
     high = rel(grads(GD.denoiser(S), ts, jd.DPMSolverPP(order=2), AdjointDPM(order=3, corrector=True)), closed_form(ts))
     assert default < 1.2e-2 and default < high / 2
@@ -142,12 +142,12 @@ def test_adjoint_default_mirrors_the_forward_solver():
 
 @pytest.mark.parametrize("prediction", jd.PREDICTIONS)
 def test_adjoint_every_prediction_type(prediction):
-    ts = jd.timesteps(S, 20)
+    ts = jd.timesteps(S, 20, "logsnr")
     assert rel(grads(GD.denoiser(S, prediction), ts, jd.UniPC(order=3), AdjointDPM()), closed_form(ts)) < 1e-2
 
 
 def test_adjoint_store_trajectory_and_substeps():
-    ts = jd.timesteps(S, 20)
+    ts = jd.timesteps(S, 20, "logsnr")
     ref = closed_form(ts)
     base = rel(grads(GD.denoiser(S), ts, jd.UniPC(order=3), AdjointDPM()), ref)
     stored = rel(grads(GD.denoiser(S), ts, jd.UniPC(order=3), AdjointDPM(store_trajectory=True)), ref)
@@ -160,7 +160,7 @@ def test_adjoint_store_trajectory_and_substeps():
 
 def test_adjoint_agrees_with_backprop_on_mixture():
     """Acceptance 2 (mixture): UniPC(order=3) forward, default adjoint (order 3 + corrector), 50 steps."""
-    ts = jd.timesteps(S, 50)
+    ts = jd.timesteps(S, 50, "logsnr")
     loss = lambda x0: jnp.sum(jnp.sin(x0))  # noqa: E731
     x = jax.random.normal(jax.random.key(1), (4, 2))
     ref = grads(GM.denoiser(S), ts, jd.UniPC(order=3), Backprop(), args=GM, x=x, loss=loss)
@@ -190,7 +190,7 @@ def _mlp_denoiser():
 def test_adjoint_agrees_with_backprop_on_flax_mlp():
     """Acceptance 2 (flax MLP): gradients w.r.t. the network weights and x_T, recommended config, 50 steps."""
     den, params = _mlp_denoiser()
-    ts = jd.timesteps(S, 50)
+    ts = jd.timesteps(S, 50, "logsnr")
     loss = lambda x0: jnp.sum(jnp.sin(x0))  # noqa: E731
     x = jax.random.normal(jax.random.key(1), (4, 2))
     ref = grads(den, ts, jd.UniPC(order=3), Backprop(), args=params, x=x, loss=loss)
@@ -202,7 +202,7 @@ def test_adjoint_agrees_with_backprop_on_flax_mlp():
 
 
 def test_adjoint_under_vmap_and_with_trajectory_cotangents():
-    ts = jd.timesteps(S, 30)
+    ts = jd.timesteps(S, 30, "logsnr")
     den = GD.denoiser(S)
     one = lambda x: jnp.sum((jd.sample(den, x, ts, jd.DPMSolverPP(), args=GD, adjoint=AdjointDPM()) - TARGET) ** 2)  # noqa: E731
     xs = jnp.stack([X_T, -X_T, 2 * X_T])
@@ -219,7 +219,7 @@ def test_adjoint_classifier_free_guidance():
     """Gradients reach both the conditional and the unconditional branch's parameters."""
     den = GD.denoiser(S, guidance=jd.CFG(2.0))
     uncond = jd.testing.GaussianData(jnp.zeros(2), jnp.ones(2))
-    ts = jd.timesteps(S, 50)
+    ts = jd.timesteps(S, 50, "logsnr")
     ref = grads(den, ts, jd.DPMSolverPP(order=3), Backprop(), args=(GD, uncond))
     got = grads(den, ts, jd.DPMSolverPP(order=3), AdjointDPM(order=3, store_trajectory=True), args=(GD, uncond))
     assert rel(got, ref) < 2e-3
@@ -228,14 +228,14 @@ def test_adjoint_classifier_free_guidance():
 
 @pytest.mark.parametrize("store", [False, True])
 def test_adjoint_grid_ending_at_zero(store):
-    ts = jd.timesteps(S, 40, final="zero")
+    ts = jd.timesteps(S, 40, "logsnr", final="zero")
     ref = grads(GD.denoiser(S), ts, jd.DPMSolverPP(order=3), Backprop())
     got = grads(GD.denoiser(S), ts, jd.DPMSolverPP(order=3), AdjointDPM(order=3, store_trajectory=store))
     assert rel(got, ref) < 2e-2
 
 
 def test_adjoint_bad_input():
-    den, ts = GD.denoiser(S), jd.timesteps(S, 5)
+    den, ts = GD.denoiser(S), jd.timesteps(S, 5, "logsnr")
     with pytest.raises(ValueError, match=r"`solver=DDPM\(...\)` is stochastic"):
         jd.sample(den, X_T, ts, jd.DDPM(), args=GD, key=jax.random.key(0), adjoint=AdjointDPM())
     with pytest.raises(ValueError, match=r"denoise_to_zero=True"):
@@ -314,7 +314,7 @@ def test_adjoint_from_pure_noise(solver):
 
 def test_adjoint_guidance_scale_and_integer_labels():
     """Issue 12: the CFG scale got a silent zero gradient; integer leaves of args (labels) were refused."""
-    ts = jd.timesteps(S, 30)
+    ts = jd.timesteps(S, 30, "logsnr")
 
     def fn(x, t, args):
         params, label = args
@@ -338,14 +338,14 @@ def test_adjoint_guidance_scale_and_integer_labels():
 
 def test_adjoint_refuses_what_it_cannot_differentiate():
     den = GD.denoiser(S)
-    ts = jd.timesteps(S, 10)
+    ts = jd.timesteps(S, 10, "logsnr")
     loss = lambda d, t, x: jnp.sum(jd.sample(d, x, t, jd.DPMSolverPP(), args=GD, adjoint=AdjointDPM()))  # noqa: E731
     with pytest.raises(ValueError, match=r"also asks for the schedule's parameters \(VPCosine\)"):
         jax.grad(lambda s: loss(den.replace(schedule=jd.VPCosine(s=s)), ts, X_T))(0.008)
     with pytest.raises(ValueError, match=r"`ts` is traced here"):
         jax.grad(lambda t: loss(den, t, X_T))(ts)
     with pytest.raises(ValueError, match=r"`ts` is traced here"):  # a grid passed into jit (ends at 0: was NaN)
-        jax.jit(jax.grad(lambda x, t: loss(den, t, x)))(X_T, jd.timesteps(S, 10, final="zero"))
+        jax.jit(jax.grad(lambda x, t: loss(den, t, x)))(X_T, jd.timesteps(S, 10, "logsnr", final="zero"))
     rf = jd.RectifiedFlow()
     with pytest.raises(ValueError, match=r"`AdjointDPM\(form='exponential'\)` scales the adjoint by alpha"):
         jax.grad(lambda x: jnp.sum(jd.sample(GD.denoiser(rf, "velocity"), x, jd.timesteps(rf, 10, "time"), args=GD,

@@ -19,7 +19,7 @@ X = jax.random.normal(jax.random.key(0), (4, 2))
 VPL = jd.VPLinear()
 RF = jd.RectifiedFlow()
 DISCRETE = jd.VPDiscrete(np.linspace(1e-4, 0.02, 1000))
-TS = jd.timesteps(VPL, 4)
+TS = jd.timesteps(VPL, 4, "logsnr")
 KEY = jax.random.key(0)
 
 
@@ -38,7 +38,7 @@ def _fkc(target=None, ts=None, **kw):
     gd = jd.testing.GaussianData(jnp.array([[1.0]]), jnp.array([[1.0]]))
     target = target if target is not None else fkc.Anneal(gd.denoiser(VPL), 2.0)
     kw.setdefault("args", gd)
-    return fkc.sample(target, jnp.zeros((8, 1)), ts if ts is not None else jd.timesteps(VPL, 40), KEY, **kw)
+    return fkc.sample(target, jnp.zeros((8, 1)), ts if ts is not None else jd.timesteps(VPL, 40, "logsnr"), KEY, **kw)
 
 
 def _gd1(s=VPL):
@@ -53,28 +53,28 @@ ERRORS = {
                                r"`alphas_cumprod` must lie in \[0, 1\]"),
     "alphas_cumprod increasing": (lambda: jd.VPDiscrete(alphas_cumprod=np.linspace(0.1, 0.9, 10)), ValueError,
                                   r"`alphas_cumprod` must be non-increasing"),
-    "VE sigmas swapped": (lambda: jd.timesteps(jd.VE(sigma_min=50.0, sigma_max=0.01), 4), ValueError,
+    "VE sigmas swapped": (lambda: jd.timesteps(jd.VE(sigma_min=50.0, sigma_max=0.01), 4, "logsnr"), ValueError,
                           r"`VE.sigma_min` must be below `sigma_max`.*Are they swapped"),
     "EDM sigmas swapped": (lambda: _sample(jd.testing.GaussianData(jnp.zeros(2), jnp.ones(2)).denoiser(
         jd.EDM(sigma_min=80.0, sigma_max=0.002)), ts=jnp.array([80.0, 1.0]), args=None), ValueError,
         r"`EDM.sigma_min` must be below `sigma_max`"),
-    "EDM zero sigma_min": (lambda: jd.timesteps(jd.EDM(sigma_min=0.0), 4), ValueError,
+    "EDM zero sigma_min": (lambda: jd.timesteps(jd.EDM(sigma_min=0.0), 4, "logsnr"), ValueError,
                            r"`EDM.sigma_min` must be a number in \(0, inf\), got 0.0"),
-    "VPLinear negative beta": (lambda: jd.timesteps(jd.VPLinear(beta_min=-1.0), 4), ValueError,
+    "VPLinear negative beta": (lambda: jd.timesteps(jd.VPLinear(beta_min=-1.0), 4, "logsnr"), ValueError,
                                r"`VPLinear.beta_min` must be a number in \[0, inf\)"),
-    "VPLinear beta_min > beta_max": (lambda: jd.timesteps(jd.VPLinear(beta_min=5.0, beta_max=1.0), 4), ValueError,
+    "VPLinear beta_min > beta_max": (lambda: jd.timesteps(jd.VPLinear(beta_min=5.0, beta_max=1.0), 4, "logsnr"), ValueError,
                                      r"`VPLinear.beta_min` must not exceed `beta_max`"),
-    "VPCosine negative s": (lambda: jd.timesteps(jd.VPCosine(s=-0.5), 4), ValueError, r"`VPCosine.s` must be a number"),
+    "VPCosine negative s": (lambda: jd.timesteps(jd.VPCosine(s=-0.5), 4, "logsnr"), ValueError, r"`VPCosine.s` must be a number"),
     "VPCosine t_start beyond 1": (lambda: jd.VPCosine(t_start=1.2), ValueError,
                                   r"`VPCosine.t_start` must be a real number in \[0, 1\], got 1.2"),
     "RectifiedFlow t_end above t_start": (lambda: jd.RectifiedFlow(t_start=0.5, t_end=0.6), ValueError,
                                           r"`RectifiedFlow.t_end` must be below `t_start`"),
-    "timesteps of a non-schedule": (lambda: jd.timesteps("vp", 4), TypeError, r"`schedule` must be a jaxdiff Schedule"),
+    "timesteps of a non-schedule": (lambda: jd.timesteps("vp", 4, "logsnr"), TypeError, r"`schedule` must be a jaxdiff Schedule"),
     "timesteps t_end above t_start": (lambda: jd.timesteps(VPL, 4, "time", t_start=0.1, t_end=0.5), ValueError,
                                       r"`timesteps\(...\)` must be strictly decreasing.*Pass `t_end < t_start`"),
     "timesteps t_start beyond the domain": (lambda: jd.timesteps(jd.VPCosine(), 4, "time", t_start=1.2), ValueError,
                                             r"must lie in the schedule's domain \[0, 1\], got times from 1.2"),
-    "timesteps t_start a string": (lambda: jd.timesteps(VPL, 4, t_start="1"), TypeError, r"`t_start` must be a real number"),
+    "timesteps t_start a string": (lambda: jd.timesteps(VPL, 4, "logsnr", t_start="1"), TypeError, r"`t_start` must be a real number"),
     "timesteps negative rho": (lambda: jd.timesteps(VPL, 4, "karras", rho=-7.0), ValueError, r"`rho` must be a real number in \(0, inf\]"),
     "timesteps negative steps_offset": (lambda: jd.timesteps(DISCRETE, 4, "leading", steps_offset=-1), ValueError,
                                         r"`steps_offset` must be an int >= 0"),
@@ -114,11 +114,11 @@ ERRORS = {
     "eta as a string": (lambda: jd.DDIM(eta="0.5"), TypeError, r"`eta` must be a real number in \[0, 1\]"),
     "eta above 1": (lambda: jd.DDIM(eta=1.5), ValueError, r"`eta` must be a real number in \[0, 1\], got 1.5"),
     "Heun final_euler not bool": (lambda: jd.Heun(final_euler=1), TypeError, r"`final_euler` must be True or False"),
-    "PNDM F on 1 step": (lambda: _sample(ts=jd.timesteps(VPL, 1), solver=jd.PNDM("F")), ValueError,
+    "PNDM F on 1 step": (lambda: _sample(ts=jd.timesteps(VPL, 1, "logsnr"), solver=jd.PNDM("F")), ValueError,
                          r"`PNDM` with order 4 needs at least 4 steps, but `ts` has 1"),
-    "PNDM F on 2 steps": (lambda: _sample(ts=jd.timesteps(VPL, 2), solver=jd.PNDM("F")), ValueError,
+    "PNDM F on 2 steps": (lambda: _sample(ts=jd.timesteps(VPL, 2, "logsnr"), solver=jd.PNDM("F")), ValueError,
                           r"needs at least 4 steps, but `ts` has 2"),
-    "PNDM S on 1 step": (lambda: _sample(ts=jd.timesteps(VPL, 1), solver=jd.PNDM("S")), ValueError,
+    "PNDM S on 1 step": (lambda: _sample(ts=jd.timesteps(VPL, 1, "logsnr"), solver=jd.PNDM("S")), ValueError,
                          r"needs at least 2 steps, but `ts` has 1"),
     "solver is a class": (lambda: _sample(solver=jd.DDIM), ValueError, r"`solver` must be a jaxdiff solver"),
     "adjoint is a string": (lambda: _sample(adjoint="adjoint"), TypeError, r"`adjoint` must be None, `jaxdiff.Backprop"),
@@ -169,7 +169,7 @@ ERRORS = {
                                        ValueError, r"`ts` is too coarse in log-SNR near pure noise.*moves lambda by 1.8"),
     "FKC increasing grid": (lambda: _fkc(ts=jnp.array([0.5, 0.9, 0.1])), ValueError, r"`ts` must be strictly decreasing"),
     "FKC ess_threshold 2": (lambda: _fkc(ess_threshold=2.0), ValueError, r"`ess_threshold` must be a real number in \[0, 1\]"),
-    "FKC integer key": (lambda: fkc.sample(fkc.Anneal(_gd1(), 2.0), jnp.zeros((8, 1)), jd.timesteps(VPL, 40), 0), TypeError,
+    "FKC integer key": (lambda: fkc.sample(fkc.Anneal(_gd1(), 2.0), jnp.zeros((8, 1)), jd.timesteps(VPL, 40, "logsnr"), 0), TypeError,
                         r"`key` must be a PRNG key"),
     "resampler returns too few": (lambda: _fkc(resample=lambda k, lw, n: jnp.zeros((n - 1,), jnp.int32)), TypeError,
                                   r"must return 8 integer ancestor indices.*shape \(7,\)"),
@@ -236,7 +236,7 @@ def test_fkc_nan_region_is_counted_never_silent():
     den = jd.Denoiser(lambda x, t, a: jnp.where(x > 2.5, jnp.nan, exact.fn(x, t, a)), VPL)
     x_T = jnp.linspace(-3.0, 3.0, 16)[:, None]
     for kw in ({"weighted": False}, {"resample": None}, {"ess_threshold": 0.0}, {}):
-        res = fkc.sample(fkc.Anneal(den, 2.0), x_T, jd.timesteps(VPL, 40), KEY, args=gd, **kw)
+        res = fkc.sample(fkc.Anneal(den, 2.0), x_T, jd.timesteps(VPL, 40, "logsnr"), KEY, args=gd, **kw)
         assert int(res.num_nonfinite) > 0, kw
         bad = ~jnp.all(jnp.isfinite(res.x), axis=1)
         if kw.get("weighted", True):

@@ -188,7 +188,7 @@ def test_bad_input_is_a_clear_error():
     solver = jd.DPMSolverV3(jd.EMS(lam, ones, 0 * ones, 0 * ones))
     x_T = jnp.ones((2, 3))
     with pytest.raises(ValueError, match="leave the EMS range"):
-        jd.sample(den, x_T, jd.timesteps(S, 5, final="zero"), solver, args=GD)
+        jd.sample(den, x_T, jd.timesteps(S, 5, "logsnr", final="zero"), solver, args=GD)
     with pytest.raises(ValueError, match="does not broadcast"):
         jd.sample(den, jnp.ones((2, 4)), logsnr_grid(5), solver, args=GD)
     with pytest.raises(ValueError, match="concrete"):

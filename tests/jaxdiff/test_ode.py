@@ -106,7 +106,7 @@ def test_diffrax_adjoints_agree_with_adjoint_dpm_and_the_exact_gradient():
 
         return jax.jit(jax.grad(loss, argnums=(0, 1)))(x_T, gd)
 
-    ts = jd.timesteps(s, 40, t_start=t0, t_end=t1)
+    ts = jd.timesteps(s, 40, "logsnr", t_start=t0, t_end=t1)
     ours = jax.jit(jax.grad(lambda x, g: _loss(jd.sample(den, x, ts, jd.UniPC(order=3), args=g,
                                                          adjoint=jd.AdjointDPM())), argnums=(0, 1)))(x_T, gd)
 

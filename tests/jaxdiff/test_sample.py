@@ -154,7 +154,7 @@ def test_nfe_counts_model_calls(solver):
         jax.debug.callback(lambda: calls.append(1))
         return GD.x0_eps(jd.VPLinear(), x, t)[1]
 
-    ts = jd.timesteps(jd.VPLinear(), 9)
+    ts = jd.timesteps(jd.VPLinear(), 9, "logsnr")
     jax.block_until_ready(jd.sample(jd.Denoiser(fn, jd.VPLinear()), X_T, ts, solver))
     assert len(calls) == jd.nfe(solver, ts) == 9 + int(getattr(solver, "denoise_to_zero", False))
 
@@ -214,7 +214,7 @@ def test_heun_into_zero_takes_a_final_euler_step():
 
 def test_jit_vmap_over_guidance_scales_equals_separate_runs():
     s = jd.VPLinear()
-    ts = jd.timesteps(s, 10)
+    ts = jd.timesteps(s, 10, "logsnr")
 
     def fn(x, t, args):
         params, shift = args
@@ -230,7 +230,7 @@ def test_jit_vmap_over_guidance_scales_equals_separate_runs():
 
 def test_grad_matches_finite_differences():
     s = jd.VPCosine()
-    ts = jd.timesteps(s, 8)
+    ts = jd.timesteps(s, 8, "logsnr")
     loss = jax.jit(lambda x, p: jnp.sum(jnp.sin(jd.sample(GD.denoiser(s, "v"), x, ts, jd.UniPC(), args=p))))
     gx, gp = jax.jit(jax.grad(loss, argnums=(0, 1)))(X_T, GD)
     e = 1e-6
@@ -243,7 +243,7 @@ def test_grad_matches_finite_differences():
 def test_sharded_batch_equals_single_device():
     assert len(jax.devices()) == 8
     s = jd.VPLinear()
-    ts = jd.timesteps(s, 10)
+    ts = jd.timesteps(s, 10, "logsnr")
     x_T = jax.random.normal(jax.random.key(5), (64, 2))
     mesh = Mesh(np.array(jax.devices()), ("data",))
     sharded = jax.device_put(x_T, NamedSharding(mesh, PartitionSpec("data")))
@@ -256,7 +256,7 @@ def test_sharded_batch_equals_single_device():
 def test_low_precision_model_keeps_float32_state():
     s = jd.VPLinear()
     fn = lambda x, t, a: GD.x0_eps(s, x.astype(jnp.float32), t)[1].astype(jnp.bfloat16)
-    x = jd.sample(jd.Denoiser(fn, s), X_T.astype(jnp.bfloat16), jd.timesteps(s, 10))
+    x = jd.sample(jd.Denoiser(fn, s), X_T.astype(jnp.bfloat16), jd.timesteps(s, 10, "logsnr"))
     assert x.dtype == jnp.float32 and bool(jnp.all(jnp.isfinite(x)))
 
 
@@ -268,7 +268,7 @@ def test_low_precision_states_and_models_converge(dtype, gain):
     fn = lambda x, t, a: GD.x0_eps(s, x.astype(jnp.float32), s.t_of_model_time(t))[1].astype(dtype)  # noqa: E731
     errs = []
     for n in (10, 40):
-        ts = jd.timesteps(s, n)
+        ts = jd.timesteps(s, n, "logsnr")
         x = jax.jit(lambda x, ts=ts: jd.sample(jd.Denoiser(fn, s), x, ts))(X_T.astype(dtype))
         assert x.dtype == jnp.float32
         errs.append(float(jnp.max(jnp.abs(x - GD.flow(s, X_T, ts[0], ts[-1])))))
@@ -285,7 +285,7 @@ class TestBadInput:
 
     def test_order_larger_than_grid(self):
         with pytest.raises(ValueError, match="order 3 needs at least 3 steps, but `ts` has 2"):
-            jd.sample(self.den, X_T, jd.timesteps(self.s, 2), jd.DPMSolverPP(order=3), args=GD)
+            jd.sample(self.den, X_T, jd.timesteps(self.s, 2, "logsnr"), jd.DPMSolverPP(order=3), args=GD)
 
     def test_unsupported_options(self):
         with pytest.raises(ValueError, match=r"`order` must be one of 1, 2, 3, got 4"):
@@ -298,13 +298,13 @@ class TestBadInput:
     def test_thresholding_with_noise_prediction_solver(self):
         den = GD.denoiser(self.s, threshold=jd.DynamicThreshold())
         with pytest.raises(ValueError, match="Dynamic thresholding acts on the data prediction"):
-            jd.sample(den, X_T, jd.timesteps(self.s, 5), jd.DPMSolver(), args=GD)
+            jd.sample(den, X_T, jd.timesteps(self.s, 5, "logsnr"), jd.DPMSolver(), args=GD)
 
     def test_shape_mismatch(self):
         den = jd.Denoiser(lambda x, t, a: x[:, :1], self.s)
         with pytest.raises(ValueError, match=r"returned shape \(16, 1\)"):
-            jd.sample(den, X_T, jd.timesteps(self.s, 5))
+            jd.sample(den, X_T, jd.timesteps(self.s, 5, "logsnr"))
 
     def test_stochastic_without_key(self):
         with pytest.raises(ValueError, match=r"`DDPM` is stochastic: pass `key="):
-            jd.sample(self.den, X_T, jd.timesteps(self.s, 5), jd.DDPM(), args=GD)
+            jd.sample(self.den, X_T, jd.timesteps(self.s, 5, "logsnr"), jd.DDPM(), args=GD)
