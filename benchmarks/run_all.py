@@ -25,6 +25,8 @@ BENCHMARKS = (
     "optim_usefulness",
     "cbo_speed",
     "cbo_parity",
+    "optim_calibration",
+    "adaptive_dpm_solver",
 )
 
 
