@@ -26,7 +26,6 @@ BENCHMARKS = (
     "cbo_speed",
     "cbo_parity",
     "optim_calibration",
-    "adaptive_dpm_solver",
 )
 
 
