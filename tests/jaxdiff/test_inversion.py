@@ -54,14 +54,14 @@ def test_invert_trajectory_ends_match():
 
 
 BAD = {
-    "stochastic": (lambda: jd.invert(GD.denoiser(S), jnp.zeros((2, 2)), jd.timesteps(S, 4), jd.DPMSolverPPSDE(),
+    "stochastic": (lambda: jd.invert(GD.denoiser(S), jnp.zeros((2, 2)), jd.timesteps(S, 4, "logsnr"), jd.DPMSolverPPSDE(),
                                      args=GD), r"`DPMSolverPPSDE` is stochastic.*has no inversion"),
-    "sigma zero": (lambda: jd.invert(GD.denoiser(S), jnp.zeros((2, 2)), jd.timesteps(S, 4, final="zero"), jd.DDIM(),
+    "sigma zero": (lambda: jd.invert(GD.denoiser(S), jnp.zeros((2, 2)), jd.timesteps(S, 4, "logsnr", final="zero"), jd.DDIM(),
                                      args=GD), r"`invert` starts at `ts\[-1\]`, which is sigma = 0"),
     "pure noise": (lambda: jd.invert(GD.denoiser(jd.RectifiedFlow(), "velocity"), jnp.zeros((2, 2)),
                                      jd.timesteps(jd.RectifiedFlow(), 4, "time", t_end=0.01), jd.DDIM(), args=GD),
                    r"`invert` ends at `ts\[0\]`, which is pure noise"),
-    "ddpm": (lambda: jd.invert(GD.denoiser(S), jnp.zeros((2, 2)), jd.timesteps(S, 4), jd.DDPM(), args=GD),
+    "ddpm": (lambda: jd.invert(GD.denoiser(S), jnp.zeros((2, 2)), jd.timesteps(S, 4, "logsnr"), jd.DDPM(), args=GD),
              r"`DDPM` is stochastic"),
 }
 

@@ -376,17 +376,17 @@ def test_independent_noise_does_not_converge():
 # bad input
 
 BAD = {
-    "noise shape": (lambda: jd.sample(GD.denoiser(jd.VPLinear()), jnp.zeros((2, 3)), jd.timesteps(jd.VPLinear(), 4),
+    "noise shape": (lambda: jd.sample(GD.denoiser(jd.VPLinear()), jnp.zeros((2, 3)), jd.timesteps(jd.VPLinear(), 4, "logsnr"),
                                       jd.DPMSolverPPSDE(), noise=jnp.zeros((3, 2, 3)), args=GD),
                     ValueError, r"`noise` has shape \(3, 2, 3\).*shape \(4, 2, 3\) \(nfe, \*x_T.shape\)"),
-    "noise for ODE": (lambda: jd.sample(GD.denoiser(jd.VPLinear()), jnp.zeros((2, 3)), jd.timesteps(jd.VPLinear(), 4),
+    "noise for ODE": (lambda: jd.sample(GD.denoiser(jd.VPLinear()), jnp.zeros((2, 3)), jd.timesteps(jd.VPLinear(), 4, "logsnr"),
                                         jd.DDIM(), noise=BrownianNoise(jax.random.key(0)), args=GD),
                       ValueError, r"`DDIM` is deterministic"),
-    "noise type": (lambda: jd.sample(GD.denoiser(jd.VPLinear()), jnp.zeros((2, 3)), jd.timesteps(jd.VPLinear(), 4),
+    "noise type": (lambda: jd.sample(GD.denoiser(jd.VPLinear()), jnp.zeros((2, 3)), jd.timesteps(jd.VPLinear(), 4, "logsnr"),
                                      jd.DPMSolverPPSDE(), noise="brownian", args=GD),
                    TypeError, r"`noise` must be a `jaxdiff.BrownianNoise`"),
     "sde-dpmsolver into zero": (lambda: jd.sample(GD.denoiser(jd.VPLinear()), jnp.zeros((2, 3)),
-                                                  jd.timesteps(jd.VPLinear(), 4, final="zero"), jd.DPMSolverSDE(),
+                                                  jd.timesteps(jd.VPLinear(), 4, "logsnr", final="zero"), jd.DPMSolverSDE(),
                                                   key=jax.random.key(0), args=GD),
                                 ValueError, r"`DPMSolverSDE` \(noise prediction\) cannot end at sigma = 0"),
     "ancestral from pure noise": (lambda: jd.sample(GD.denoiser(jd.RectifiedFlow(), "velocity"), jnp.zeros((2, 3)),
