@@ -12,6 +12,7 @@ loop is reused.
 
 from __future__ import annotations
 
+import abc
 import dataclasses
 import math
 from typing import Any, Callable, NamedTuple
@@ -414,11 +415,13 @@ class Context(NamedTuple):
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
-class _Update(_Part):
-    """``update(updates, state, params, *, value, value_fn=None, key=None)``: the shared part of every step."""
+class _Update(_Part, abc.ABC):
+    """``update(updates, state, params, *, value, value_fn=None, key=None)``: the shared part of every step;
+    each algorithm (CBO, CBS) supplies ``step``."""
 
+    @abc.abstractmethod
     def step(self, ctx: Context) -> Any:
-        raise NotImplementedError
+        """The algorithm's move of the particles given the consensus context."""
 
     def __call__(self, updates, state, params=None, *, value=None, value_fn=None, key=None, **extra):
         del extra

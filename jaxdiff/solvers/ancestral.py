@@ -123,10 +123,6 @@ class _TwoStage(_Base):
                           step_end=(False, True) * (num_steps - 1) + (True,))
         return Layout(num_evals=2 * num_steps, history=2, uses_anchor=True, step_end=(False, True) * num_steps)
 
-    def _stage(self, g, s, t, log_e, up, down):
-        """(lambda of the stage, stage x0 coefficient of x_mid = (sigma_m/sigma_s) x_s + c D0 [+ noise])."""
-        raise NotImplementedError
-
     def _rows(self, schedule, ts, lam_m, stage_ratio, stage_d0, stage_noise, end):
         """Assemble anchor/y rows: stage (eval at x_s) then end (eval at the stage point)."""
         g = grid(schedule, ts)
